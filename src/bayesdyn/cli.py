@@ -1,0 +1,141 @@
+"""The ``bayesdyn`` command: ``train``, ``evaluate``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import recipes
+
+TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 128, "lr": 1e-3}
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as err:
+        print(f"bayesdyn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bayesdyn",
+        description="Bayesian dynamic neural networks: train, evaluate and compare networks whose "
+                    "depth, width, exit or sub-network is a latent variable.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a method and write a run directory",
+                           description="Train METHOD on a dataset; writes metrics.json, "
+                                       "config.json, checkpoint.pt, plots/ and posterior.nc to --out.")
+    train.add_argument("method", metavar="METHOD",
+                       help=f"one of {', '.join(recipes.IMPLEMENTED)} (planned, not built yet: "
+                            f"{', '.join(recipes.PLANNED)})")
+    train.add_argument("--dataset", required=True, help="digits, fashion-mnist, mnist, kmnist, "
+                       "cifar10, cifar100 or svhn")
+    train.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    train.add_argument("--download", action="store_true",
+                       help="let torchvision download the dataset (needs a network)")
+    train.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS["epochs"],
+                       help="total epochs (with --resume: continue up to this many)")
+    train.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
+    train.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"], help="Adam learning rate")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default=None, help="run directory (default runs/METHOD-DATASET-sSEED)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--arch", default="auto", choices=("auto", *recipes.ARCHS),
+                       help="backbone: residual MLP, VDS conv net, or ResNet-18-like (auto: mlp "
+                            "for 8x8 inputs, conv otherwise)")
+    train.add_argument("--depth", type=int, default=4, help="residual blocks (mlp, conv)")
+    train.add_argument("--width", type=int, default=64, help="hidden units / channels")
+    train.add_argument("--prior", default="uniform", choices=("uniform", "decaying"),
+                       help="depth prior of the depth method")
+    train.add_argument("--ood", default="default",
+                       help="OOD set for evaluation ('default' per dataset, 'none' to skip)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a run directory again",
+                        description="Rebuild the model of a run directory from config.json and "
+                                    "its checkpoint, evaluate it, rewrite metrics.json and plots.")
+    ev.add_argument("run_dir", metavar="DIR")
+    ev.add_argument("--ood", default=None, help="OOD set (default: the one used in training)")
+    ev.add_argument("--num-samples", type=int, default=8, help="posterior samples per input")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(handler=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="train every implemented family on digits (CPU, minutes) "
+                                       "and print one comparison table")
+    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--out", default="runs/demo", help="parent folder of the demo runs")
+    demo.add_argument("--device", default="cpu")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from .runs import train_run
+
+    out = Path(args.out or f"runs/{args.method}-{args.dataset}-s{args.seed}")
+    recipe = recipes.Recipe(args.method, arch=args.arch, depth=args.depth, width=args.width,
+                            prior=args.prior)
+    metrics = train_run(recipe, dataset=args.dataset, out=out, data_root=args.data_root,
+                        download=args.download, epochs=args.epochs, batch_size=args.batch_size,
+                        lr=args.lr, device=args.device, seed=args.seed, resume=args.resume,
+                        ood=None if args.ood == "none" else args.ood,
+                        progress=not args.no_progress and None)
+    print(format_table([metrics]))
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .runs import evaluate_run
+
+    metrics = evaluate_run(Path(args.run_dir), ood=args.ood, num_samples=args.num_samples,
+                           device=args.device)
+    print(format_table([metrics]))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .runs import train_run
+
+    started, results = time.perf_counter(), []
+    for method in recipes.IMPLEMENTED:
+        recipe = recipes.Recipe(method, depth=4, width=64)
+        out = Path(args.out) / method
+        results.append(train_run(recipe, dataset="digits", out=out, epochs=args.epochs,
+                                 batch_size=64, lr=3e-3, device=args.device, seed=0,
+                                 progress=False))
+    print(format_table(results))
+    print(f"demo: {len(results)} methods trained on digits in {time.perf_counter() - started:.0f} s;"
+          f" run directories under {args.out}")
+    return 0
+
+
+def format_table(results: list[dict]) -> str:
+    """One row per (method, budget) and the marginalised model."""
+    head = f"{'method':<14} {'budget':<10} {'kFLOPs':>9} {'acc':>7} {'NLL':>7} {'ECE':>7} {'OOD AUROC':>10}"
+    lines = [head, "-" * len(head)]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for r in results:
+        rows = [("marginal", r["marginal"])] if len(r["budgets"]) > 1 else []
+        rows += [(b["budget"], b) for b in r["budgets"]]
+        for name, m in rows:
+            lines.append(f"{r['method']:<14} {name:<10} {m['flops'] / 1e3:>9.1f} "
+                         f"{fmt(m['accuracy']):>7} {fmt(m['nll']):>7} {fmt(m['ece']):>7} "
+                         f"{fmt(m['ood_auroc']):>10}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

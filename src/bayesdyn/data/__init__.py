@@ -1,0 +1,7 @@
+"""Datasets (``load``) and out-of-distribution pairs (``load_ood``)."""
+
+from .datasets import DATASETS, DataNotFoundError, DataSplits, load, read_idx, resize
+from .ood import DEFAULT_OOD, load_ood, ood_names
+
+__all__ = ["DATASETS", "DEFAULT_OOD", "DataNotFoundError", "DataSplits", "load", "load_ood",
+           "ood_names", "read_idx", "resize"]

@@ -1,0 +1,22 @@
+"""Evaluation written once against the budget interface: metrics, OOD, cost, protocols, plots."""
+
+from . import plots
+from .cost import forward_flops, marginal_cost, measure, parameter_count
+from .evaluate import evaluate
+from .metrics import (
+                      accuracy,
+                      brier,
+                      classification_metrics,
+                      ece,
+                      entropy,
+                      nll,
+                      reliability,
+                      uncertainty,
+)
+from .ood import SCORES, ood_metrics
+from .protocols import apply_thresholds, budgeted_batch, exit_proportions, select_thresholds
+
+__all__ = ["SCORES", "accuracy", "apply_thresholds", "brier", "budgeted_batch",
+           "classification_metrics", "ece", "entropy", "evaluate", "exit_proportions",
+           "forward_flops", "marginal_cost", "measure", "nll", "ood_metrics", "parameter_count",
+           "plots", "reliability", "select_thresholds", "uncertainty"]

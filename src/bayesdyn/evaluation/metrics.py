@@ -1,0 +1,103 @@
+"""Dataset-level metrics on predictive probabilities ``[N, C]`` and labels ``[N]``.
+
+Everything is computed once over the whole dataset (never averaged over batches). ECE bins are
+equal-width over the top-1 confidence, ``(i/B, (i+1)/B]`` with 0 in the first bin, so a
+confidence of exactly 1.0 is counted (the MSDNet/WACV code drops it, methods.md §2.9).
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-12
+
+
+def _check(probs: torch.Tensor, labels: torch.Tensor):
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be [N, C], got shape {tuple(probs.shape)}")
+    if labels.shape != probs.shape[:1]:
+        raise ValueError(f"labels must be [{probs.shape[0]}], got shape {tuple(labels.shape)}")
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    _check(probs, labels)
+    return (probs.argmax(-1) == labels).double().mean().item()
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log predictive probability of the true class (nats)."""
+    _check(probs, labels)
+    p = probs.double().gather(-1, labels[:, None]).squeeze(-1)
+    return -p.clamp_min(EPS).log().mean().item()
+
+
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Multi-class Brier score: mean over examples of ``sum_c (p_c - 1[y = c])^2``."""
+    _check(probs, labels)
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).double()
+    return ((probs.double() - onehot) ** 2).sum(-1).mean().item()
+
+
+def reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
+                adaptive: bool = False) -> dict[str, torch.Tensor]:
+    """Per-bin ``count``, mean ``confidence`` and ``accuracy`` of the top-1 prediction, with bin
+    ``edges`` ``[n_bins + 1]``. ``adaptive=True`` uses equal-mass bins (adaptive ECE)."""
+    _check(probs, labels)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf, pred = probs.double().max(-1)
+    correct = (pred == labels).double()
+    if adaptive:
+        order = conf.argsort()
+        bin_of = torch.empty_like(order)
+        bin_of[order] = torch.arange(len(conf), device=conf.device) * n_bins // max(len(conf), 1)
+        sorted_conf = conf[order]
+        cuts = [sorted_conf[(i * len(conf)) // n_bins] for i in range(1, n_bins)] if len(conf) else []
+        edges = torch.tensor([0.0, *[float(c) for c in cuts], 1.0], dtype=torch.float64)
+    else:
+        edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+        bin_of = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device)
+    count.index_add_(0, bin_of, torch.ones_like(conf))
+    conf_sum = torch.zeros_like(count).index_add_(0, bin_of, conf)
+    acc_sum = torch.zeros_like(count).index_add_(0, bin_of, correct)
+    safe = count.clamp_min(1)
+    return {"edges": edges, "count": count.cpu(), "confidence": (conf_sum / safe).cpu(),
+            "accuracy": (acc_sum / safe).cpu()}
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
+        adaptive: bool = False) -> float:
+    """Expected calibration error: ``sum_b |B_b|/N * |acc_b - conf_b|``."""
+    r = reliability(probs, labels, n_bins, adaptive)
+    n = r["count"].sum().clamp_min(1)
+    return ((r["count"] / n) * (r["accuracy"] - r["confidence"]).abs()).sum().item()
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) over the last dim."""
+    p = probs.double()
+    return -(p * p.clamp_min(EPS).log()).sum(-1)
+
+
+def uncertainty(probs: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Decomposition of sampled predictives ``probs [S, N, C]`` (weights ``[S]``, default equal):
+    ``total`` = H[E p], ``aleatoric`` = E H[p], ``epistemic`` = their difference (mutual
+    information between the label and the sampled structure/weights). Each ``[N]``."""
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be [S, N, C], got shape {tuple(probs.shape)}")
+    if weights is None:
+        weights = torch.full(probs.shape[:1], 1.0 / probs.shape[0], device=probs.device)
+    w = weights.double()
+    mean = torch.einsum("s,snc->nc", w, probs.double())
+    total = entropy(mean)
+    aleatoric = torch.einsum("s,sn->n", w, entropy(probs))
+    return {"total": total, "aleatoric": aleatoric, "epistemic": (total - aleatoric).clamp_min(0)}
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor,
+                           n_bins: int = 15) -> dict[str, float]:
+    """accuracy, nll, brier, ece (equal-width) and adaptive ece, all dataset-level."""
+    return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels),
+            "brier": brier(probs, labels), "ece": ece(probs, labels, n_bins),
+            "adaptive_ece": ece(probs, labels, n_bins, adaptive=True)}

@@ -1,0 +1,7 @@
+"""Guides of the families. Each follows Pyro's autoguide contract (``median()``,
+``quantiles()``, composable with ``AutoGuideList``)."""
+
+from .depth import DepthGuide
+from .empty import EmptyGuide
+
+__all__ = ["DepthGuide", "EmptyGuide"]

@@ -1,0 +1,17 @@
+"""Training (``fit``), prediction (``predict``), checkpoints and ArviZ export."""
+
+from ..validation import check_inputs, resolve_device
+from .checkpoint import atomic_save, load_checkpoint
+from .fit import FitConfig, History, TrainingDivergedError, fit
+from .predict import Prediction, predict
+
+__all__ = ["FitConfig", "History", "Prediction", "TrainingDivergedError", "atomic_save",
+           "check_inputs", "fit", "load_checkpoint", "predict", "resolve_device", "to_datatree"]
+
+
+def __getattr__(name):  # ArviZ is imported only when the export is used
+    if name == "to_datatree":
+        from .datatree import to_datatree
+
+        return to_datatree
+    raise AttributeError(name)

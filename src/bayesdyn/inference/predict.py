@@ -1,0 +1,64 @@
+"""Vectorised prediction: all posterior samples of a chunk in one call, chunks of bounded size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..evaluation.metrics import uncertainty
+from ..validation import check_inputs
+
+
+@dataclass
+class Prediction:
+    """Predictive of ``N`` inputs: ``probs [S, N, C]`` with sample ``weights [S]``, their mixture
+    ``mean [N, C]`` and the uncertainty terms ``total``, ``aleatoric``, ``epistemic`` ``[N]``
+    (entropies in nats). Tensors are on the CPU."""
+
+    probs: torch.Tensor
+    weights: torch.Tensor
+    mean: torch.Tensor
+    total: torch.Tensor
+    aleatoric: torch.Tensor
+    epistemic: torch.Tensor
+
+
+class _EvalMode:
+    """Puts modules in eval mode and restores their previous modes."""
+
+    def __init__(self, *modules):
+        self.modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+
+    def __enter__(self):
+        self.modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.modules, self.modes, strict=True):
+            m.train(mode)
+
+
+@torch.no_grad()
+def predict(model, guide, x: torch.Tensor, budget=None, num_samples: int = 8,
+            batch_size: int = 2048) -> Prediction:
+    """Predictive distribution of ``model`` at ``budget`` (``None``: marginalised over the
+    structure) for inputs ``x [N, ...]``, ``num_samples`` posterior draws per input, evaluated
+    in chunks of ``batch_size`` inputs (memory stays bounded for large ``N``)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_inputs(x)
+    device = next(model.parameters()).device
+    chunks, weights = [], None
+    with _EvalMode(model, guide):
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size].to(device, non_blocking=True)
+            samples = model.predict_probs(guide, xb, budget=budget, num_samples=num_samples)
+            chunks.append(samples.probs.float().cpu())
+            weights = samples.weights.double().cpu() if weights is None else weights
+    probs = torch.cat(chunks, dim=1)
+    terms = uncertainty(probs, weights)
+    mean = torch.einsum("s,snc->nc", weights, probs.double()).float()
+    return Prediction(probs, weights, mean, terms["total"].float(), terms["aleatoric"].float(),
+                      terms["epistemic"].float())

@@ -1,0 +1,8 @@
+"""One Pyro model per family, plus deterministic baselines. Priors are constructor arguments."""
+
+from .base import Budget, DynamicModel, PredictiveSamples
+from .depth import DepthNet, depth_prior
+from .deterministic import DeterministicNet
+
+__all__ = ["Budget", "DepthNet", "DeterministicNet", "DynamicModel", "PredictiveSamples",
+           "depth_prior"]

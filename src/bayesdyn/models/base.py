@@ -1,0 +1,111 @@
+"""The contract every family implements: a Pyro model plus the one budget interface.
+
+A family is an ``nn.Module`` whose ``forward`` *is* the Pyro model ``model(x, y=None,
+dataset_size=None)``, so Pyro's machinery (``Trace_ELBO()(model, guide)``, ``Predictive``,
+``poutine.trace``) accepts it as it is. On top of that it lists its budgets (structural settings)
+and gives a predictive distribution for any budget and for the structure-marginalised model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyro
+import torch
+from torch import nn
+
+from ..validation import check_inputs
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One structural setting of a dynamic network (a depth, a width, an exit, a member).
+
+    ``flops`` (forward FLOPs per example) and ``params`` are measured on the actual sub-network by
+    ``bayesdyn.evaluation.cost.measure``; they are ``None`` until then.
+    """
+
+    name: str
+    setting: object
+    flops: int | None = None
+    params: int | None = None
+    info: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class PredictiveSamples:
+    """Class probabilities ``probs [S, B, C]`` with sample weights ``weights [S]`` (summing to 1).
+
+    Monte Carlo draws carry equal weights; exact mixtures (e.g. over depths) carry their mixture
+    weights, so the predictive is ``sum_s weights[s] * probs[s]`` either way."""
+
+    probs: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def equal(cls, probs: torch.Tensor) -> PredictiveSamples:
+        s = probs.shape[0]
+        return cls(probs, torch.full((s,), 1.0 / s, dtype=probs.dtype, device=probs.device))
+
+    def mean(self) -> torch.Tensor:
+        """The predictive ``[B, C]``."""
+        return torch.einsum("s,sbc->bc", self.weights, self.probs)
+
+
+class DynamicModel(nn.Module):
+    """Base class of the families. Subclasses implement ``model``, ``default_guide``,
+    ``budgets``, ``budget_module`` and ``predict_probs``; ``fast_loss`` is optional."""
+
+    num_classes: int
+    # The Pyro ELBO that serves as reference for this family's fast path.
+    reference_elbo: type[pyro.infer.ELBO] = pyro.infer.Trace_ELBO
+    max_plate_nesting: int = 1
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                dataset_size: int | None = None):
+        check_inputs(x, y, self.num_classes)
+        return self.model(x, y, dataset_size)
+
+    def model(self, x, y=None, dataset_size=None):
+        raise NotImplementedError
+
+    def default_guide(self) -> nn.Module:
+        """The family's own guide (the one its fast path knows)."""
+        raise NotImplementedError
+
+    def fast_loss(self, guide, x, y, dataset_size: int):
+        """``(neg_elbo, terms)``: the negative ELBO estimate for the whole dataset from this
+        minibatch, equal in value and gradient to ``reference_elbo``'s loss, as a 0-d tensor, and
+        a dict of its terms (0-d tensors). Returns ``NotImplemented`` for guides it does not know.
+        """
+        return NotImplemented
+
+    def reference_loss(self) -> nn.Module:
+        """Pyro's ELBO for this family as an ``nn.Module(model, guide)`` factory argument."""
+        return self.reference_elbo(max_plate_nesting=self.max_plate_nesting)
+
+    def budgets(self, guide=None) -> list[Budget]:
+        raise NotImplementedError
+
+    def budget_module(self, budget: Budget, guide=None) -> nn.Module:
+        """The sub-network that computes ``budget`` alone (for FLOPs and parameter counts)."""
+        raise NotImplementedError
+
+    def predict_probs(self, guide, x: torch.Tensor, budget: Budget | None = None,
+                      num_samples: int = 1) -> PredictiveSamples:
+        """Class probabilities at ``budget`` (``None``: marginalised over the structure) as
+        weighted samples ``[S, B, C]``."""
+        raise NotImplementedError
+
+    def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
+        """Posterior over the structure, e.g. ``{"depth": q(d) [D+1]}`` (may be empty)."""
+        return {}
+
+
+def data_plate(x: torch.Tensor, dataset_size: int | None):
+    """The data plate, scaled by ``dataset_size / batch`` so a minibatch estimates the full ELBO."""
+    batch = x.shape[0]
+    size = batch if dataset_size is None else int(dataset_size)
+    if size < batch:
+        raise ValueError(f"dataset_size={size} is smaller than the batch ({batch})")
+    return pyro.plate("data", size, subsample=torch.arange(batch, device=x.device), dim=-1)

@@ -1,0 +1,164 @@
+"""DepthNet: a categorical latent over the depth of a residual network (VDS / DUN).
+
+    d ~ Categorical(prior)                      prior: uniform, VDS's decaying, or any
+    y_n ~ Categorical(logits = f_d(x_n))        (classification) or Normal(f_d(x_n), sigma)
+
+Weights are point estimates (type-II maximum likelihood, as in both papers). Every depth's
+output comes out of one forward pass, so the expectation over ``q(d)`` is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.ops.indexing import Vindex
+from torch import nn
+
+from ..guides.depth import DepthGuide
+from ..nn.residual import DepthStack
+from .base import Budget, DynamicModel, PredictiveSamples, data_plate
+
+VDS_DECAY = 0.85
+
+
+def depth_prior(prior, num_depths: int) -> torch.Tensor:
+    """Prior probabilities ``[D + 1]`` from ``"uniform"``, ``"decaying"`` (VDS:
+    ``beta_d ∝ 0.85^(d+1)``), a ``torch.distributions.Categorical`` or a probability vector."""
+    if isinstance(prior, str):
+        if prior == "uniform":
+            return torch.full((num_depths,), 1.0 / num_depths)
+        if prior == "decaying":
+            w = VDS_DECAY ** torch.arange(1, num_depths + 1, dtype=torch.float32)
+            return w / w.sum()
+        raise ValueError(f"unknown depth prior {prior!r}; use 'uniform', 'decaying', a "
+                         "torch.distributions.Categorical or a probability vector")
+    probs = prior.probs if isinstance(prior, torch.distributions.Categorical) else prior
+    probs = torch.as_tensor(probs, dtype=torch.float32).detach()
+    if probs.shape != (num_depths,):
+        raise ValueError(f"depth prior has shape {tuple(probs.shape)}, expected [{num_depths}] "
+                         f"(one probability per depth 0..{num_depths - 1})")
+    if not torch.isfinite(probs).all() or (probs <= 0).any():
+        raise ValueError("depth prior probabilities must be finite and positive (a depth with "
+                         "zero prior mass can be removed from the network instead)")
+    return probs / probs.sum()
+
+
+class DepthNet(DynamicModel):
+    """Pyro model with a latent depth over a ``DepthStack`` backbone.
+
+    Args:
+        backbone: a ``DepthStack`` (e.g. ``bayesdyn.nn.residual_mlp`` or ``resnet_depth``).
+        prior: ``"uniform"`` (DUN), ``"decaying"`` (VDS) or any categorical over ``D + 1`` depths.
+        likelihood: ``"classification"`` (softmax) or ``"regression"`` (Gaussian, learned
+            ``sigma`` unless ``noise_scale`` is given).
+        num_classes: output size for classification (read from the backbone if omitted).
+    """
+
+    reference_elbo = pyro.infer.TraceEnum_ELBO
+
+    def __init__(self, backbone: DepthStack, prior="uniform", likelihood: str = "classification",
+                 num_classes: int | None = None, noise_scale: float | None = None):
+        super().__init__()
+        if not isinstance(backbone, DepthStack):
+            raise TypeError("backbone must be a bayesdyn.nn.DepthStack (one output per depth)")
+        if likelihood not in ("classification", "regression"):
+            raise ValueError(f"likelihood must be 'classification' or 'regression', got {likelihood!r}")
+        self.backbone = backbone
+        self.likelihood = likelihood
+        self.num_classes = num_classes if likelihood == "classification" else None
+        self.register_buffer("prior_probs", depth_prior(prior, backbone.max_depth + 1))
+        if likelihood == "regression":
+            init = 1.0 if noise_scale is None else float(noise_scale)
+            self.log_noise = nn.Parameter(torch.tensor(init).log(),
+                                          requires_grad=noise_scale is None)
+
+    @property
+    def num_depths(self) -> int:
+        return self.backbone.max_depth + 1
+
+    def default_guide(self) -> DepthGuide:
+        return DepthGuide(self)
+
+    # --- Pyro model ---------------------------------------------------------------------------
+    def model(self, x, y=None, dataset_size=None):
+        outputs = self.backbone(x)  # [D+1, B, C]: every depth in one pass
+        d = pyro.sample("depth", dist.Categorical(self.prior_probs))
+        with data_plate(x, dataset_size):
+            f = Vindex(outputs)[d, torch.arange(x.shape[0], device=x.device)]
+            if self.likelihood == "classification":
+                pyro.deterministic("probs", torch.softmax(f, -1), event_dim=1)
+                return pyro.sample("y", dist.Categorical(logits=f), obs=y)
+            return pyro.sample("y", dist.Normal(f.squeeze(-1), self.log_noise.exp()), obs=y)
+
+    # --- fast path ----------------------------------------------------------------------------
+    def log_likelihoods(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``log p(y_n | x_n, d)`` for every depth, ``[D + 1, B]``."""
+        if self.likelihood == "classification":
+            logp = torch.log_softmax(outputs, -1)
+            return logp.gather(-1, y.expand(outputs.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+        return dist.Normal(outputs.squeeze(-1), self.log_noise.exp()).log_prob(y)
+
+    def fast_loss(self, guide, x, y, dataset_size):
+        if type(guide) is not DepthGuide:
+            return NotImplemented
+        log_q = guide.log_probs()
+        q = log_q.exp()
+        loglik = self.log_likelihoods(self.backbone(x), y).sum(-1)  # [D+1]
+        expected_loglik = (q * loglik).sum() * (dataset_size / x.shape[0])
+        kl = (q * (log_q - self.prior_probs.log())).sum()
+        return kl - expected_loglik, {"nll": -expected_loglik, "kl": kl}
+
+    # --- budgets and prediction ---------------------------------------------------------------
+    def budgets(self, guide=None) -> list[Budget]:
+        return [Budget(f"depth {d}", d) for d in range(self.num_depths)]
+
+    def budget_module(self, budget: Budget | None, guide=None) -> nn.Module:
+        return self.backbone if budget is None else self.backbone.truncated(budget.setting)
+
+    def depth_weights(self, guide) -> torch.Tensor:
+        if isinstance(guide, DepthGuide):
+            return guide.probs()
+        raise TypeError(f"DepthNet needs a DepthGuide for prediction, got {type(guide).__name__}")
+
+    def predict_probs(self, guide, x, budget=None, num_samples=1) -> PredictiveSamples:
+        """Exact: per-depth probabilities weighted by ``q(d)`` (marginal) or one depth."""
+        if self.likelihood != "classification":
+            raise NotImplementedError("use predict_regression for a regression DepthNet")
+        if budget is None:
+            return PredictiveSamples(torch.softmax(self.backbone(x), -1), self.depth_weights(guide))
+        logits = self.backbone.truncated(budget.setting)(x)
+        return PredictiveSamples.equal(torch.softmax(logits, -1)[None])
+
+    def predict_regression(self, guide, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixture mean and variance ``[B]`` of the depth-marginal Gaussian predictive."""
+        q = self.depth_weights(guide)[:, None]
+        mu = self.backbone(x).squeeze(-1)  # [D+1, B]
+        mean = (q * mu).sum(0)
+        var = self.log_noise.exp() ** 2 + (q * mu**2).sum(0) - mean**2
+        return mean, var
+
+    def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
+        return {"depth": self.depth_weights(guide).detach(), "depth prior": self.prior_probs}
+
+    # --- pruning ------------------------------------------------------------------------------
+    def prune(self, guide: DepthGuide, threshold: float = 0.95) -> tuple[DepthNet, DepthGuide]:
+        """VDS pruning: cut at ``d* = min{d : q(d) > threshold * max q}``, drop deeper blocks
+        and move their posterior (and prior) mass onto ``d*``. Returns a new, smaller model and
+        guide; the originals are untouched."""
+        q = self.depth_weights(guide).detach()
+        cut = int(torch.nonzero(q > threshold * q.max())[0])
+        backbone = copy.deepcopy(self.backbone)
+        backbone.blocks = backbone.blocks[:cut]
+        if backbone.adapters is not None:
+            backbone.adapters = backbone.adapters[: cut + 1]
+        fold = lambda p: torch.cat([p[:cut], p[cut:].sum(0, keepdim=True)])  # noqa: E731
+        pruned = DepthNet(backbone, prior=fold(self.prior_probs).cpu(), likelihood=self.likelihood,
+                          num_classes=self.num_classes)
+        if self.likelihood == "regression":
+            pruned.log_noise = nn.Parameter(self.log_noise.detach().clone())
+        pruned.to(self.prior_probs.device)
+        new_guide = DepthGuide(pruned, init_logits=fold(q).log())
+        return pruned, new_guide.to(q.device)

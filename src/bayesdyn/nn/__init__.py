@@ -1,0 +1,6 @@
+"""Building blocks: residual stacks returning every depth (more to come: ordered layers,
+multi-exit backbones, Bayesian heads, extracted sub-networks)."""
+
+from .residual import BasicBlock, DepthStack, Residual, residual_mlp, resnet_depth, vds_convnet
+
+__all__ = ["BasicBlock", "DepthStack", "Residual", "resnet_depth", "residual_mlp", "vds_convnet"]

@@ -1,0 +1,61 @@
+"""Build a family's model and guide from a plain config (what ``config.json`` stores), so the
+CLI, ``bayesdyn evaluate DIR`` and notebooks construct the same networks."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .guides import DepthGuide, EmptyGuide
+from .models import DepthNet, DeterministicNet
+from .nn import residual_mlp, resnet_depth, vds_convnet
+
+IMPLEMENTED = ("deterministic", "depth")
+PLANNED = ("nested", "nested-dropout", "exits", "boosted-exits", "ensemble")
+ARCHS = ("mlp", "conv", "resnet18")
+
+
+@dataclass
+class Recipe:
+    method: str
+    arch: str = "auto"  # auto: mlp for 8x8 inputs, conv otherwise
+    depth: int = 4  # residual blocks (mlp, conv)
+    width: int = 64  # hidden units / channels
+    prior: str = "uniform"  # depth prior: uniform | decaying
+
+    def __post_init__(self):
+        if self.method in PLANNED:
+            raise NotImplementedError(f"method {self.method!r} is planned but not built yet; "
+                                      f"available: {', '.join(IMPLEMENTED)}")
+        if self.method not in IMPLEMENTED:
+            raise ValueError(f"unknown method {self.method!r}; choose one of "
+                             f"{', '.join(IMPLEMENTED)}")
+        if self.arch not in ("auto", *ARCHS):
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of auto, {', '.join(ARCHS)}")
+        if self.depth < 1 or self.width < 1:
+            raise ValueError(f"depth and width must be >= 1, got {self.depth}, {self.width}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def backbone(recipe: Recipe, input_shape, num_classes: int):
+    channels, height, width = input_shape
+    arch = recipe.arch
+    if arch == "auto":
+        arch = "mlp" if height * width <= 64 else "conv"
+    if arch == "mlp":
+        return residual_mlp(channels * height * width, num_classes, recipe.width, recipe.depth,
+                            input_shape=input_shape)
+    if arch == "conv":
+        return vds_convnet(channels, num_classes, recipe.depth, recipe.width, recipe.width // 2)
+    return resnet_depth(channels, num_classes)
+
+
+def build(recipe: Recipe, input_shape, num_classes: int):
+    """``(model, guide)`` for ``recipe`` on inputs of ``input_shape``."""
+    stack = backbone(recipe, input_shape, num_classes)
+    if recipe.method == "deterministic":  # the same backbone at full depth, plain cross-entropy
+        model = DeterministicNet(stack.truncated(stack.max_depth), num_classes)
+        return model, EmptyGuide(model)
+    model = DepthNet(stack, prior=recipe.prior, num_classes=num_classes)
+    return model, DepthGuide(model)

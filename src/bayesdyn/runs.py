@@ -1,0 +1,89 @@
+"""Run directories: train a recipe end to end, or re-evaluate a finished run.
+
+A run directory holds ``config.json`` (written first), ``checkpoint.pt``, ``history.json``,
+``metrics.json``, ``plots/*.png`` and ``posterior.nc`` (ArviZ DataTree).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import recipes
+from .data import load
+from .evaluation import evaluate
+from .evaluation.evaluate import write_json
+from .inference import fit, load_checkpoint, resolve_device
+from .inference.checkpoint import CHECKPOINT
+
+SPLIT_SEED = 0  # the train/val split is the same for every training seed
+PROBE_SIZE = 200  # test inputs whose per-draw class probabilities go into posterior.nc
+
+
+def train_run(recipe: recipes.Recipe, dataset: str, out, *, data_root=None, download=False,
+              epochs=10, batch_size=128, lr=1e-3, device="auto", seed=0, resume=False,
+              ood="default", progress=None, posterior_samples: int = 100) -> dict:
+    """Train ``recipe`` on ``dataset`` into ``out`` and evaluate it; returns metrics.json."""
+    out = Path(out)
+    device = resolve_device(device)
+    config = {"recipe": recipe.to_dict(), "dataset": dataset, "data_root": data_root,
+              "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+              "split_seed": SPLIT_SEED, "ood": ood}
+    _check_run_dir(out, config, resume)
+    data = load(dataset, root=data_root, download=download, seed=SPLIT_SEED)
+    write_json(out / "config.json", config)
+    model, guide = recipes.build(recipe, data.input_shape, data.num_classes)
+    history = fit(model, guide, data, device=device, out=out, resume=resume, progress=progress,
+                  epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    train_seconds = round(sum(e["seconds"] for e in history.epochs), 3)
+    metrics = evaluate(model, guide, data, ood=ood, out=out, method=recipe.method, seed=seed,
+                       train_seconds=train_seconds, data_root=data_root)
+    write_posterior(model, guide, data, out / "posterior.nc", posterior_samples, seed)
+    return metrics
+
+
+def evaluate_run(run_dir: Path, ood=None, num_samples: int = 8, device="auto") -> dict:
+    """Rebuild a run's model from config.json + checkpoint and evaluate it again."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    config = json.loads(config_path.read_text())
+    data = load(config["dataset"], root=config["data_root"], seed=config["split_seed"])
+    model, guide = recipes.build(recipes.Recipe(**config["recipe"]), data.input_shape,
+                                 data.num_classes)
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    model.load_state_dict(ckpt["model"])
+    guide.load_state_dict(ckpt["guide"])
+    device = resolve_device(device)
+    model.to(device), guide.to(device)
+    history = json.loads((run_dir / "history.json").read_text())["epochs"]
+    return evaluate(model, guide, data.to(device), ood=ood or config["ood"], out=run_dir,
+                    method=config["recipe"]["method"], seed=config["seed"],
+                    num_samples=num_samples, data_root=config["data_root"],
+                    train_seconds=round(sum(e["seconds"] for e in history), 3))
+
+
+def write_posterior(model, guide, data, path: Path, num_samples: int, seed: int) -> None:
+    from .inference.datatree import to_datatree
+
+    x, y = (t[:PROBE_SIZE] for t in data.test.tensors)
+    tree = to_datatree(model, guide, x, y, num_samples=num_samples, seed=seed,
+                       attrs={"dataset": data.name})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tree.to_netcdf(tmp, engine="h5netcdf")
+    tmp.replace(path)
+
+
+def _check_run_dir(out: Path, config: dict, resume: bool) -> None:
+    existing = out / "config.json"
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out}")
+        old = json.loads(existing.read_text())
+        for key in ("recipe", "dataset", "batch_size", "lr", "seed"):
+            if old.get(key) != config[key]:
+                raise ValueError(f"--resume: {key} differs from the run in {out} "
+                                 f"({old.get(key)!r} there, {config[key]!r} now)")
+    elif (out / CHECKPOINT).exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or "
+                              "choose another --out")
