@@ -51,7 +51,7 @@ def evaluate(model, guide, data, *, ood: str | None = "default", out=None, metho
     if len(budgets) > 1:
         x_val, y_val = data.val.tensors
         val_preds = [run(x_val, b) for b in budgets]
-        costs = [b.info.get("cumulative_flops", b.flops) for b in budgets]
+        costs = [b.info["cumulative_flops"] for b in budgets]
         metrics["budgeted_batch"] = budgeted_batch(val_preds, y_val, test_preds, y_test, costs,
                                                    n_bins=n_bins)
     structure = {k: v.detach().cpu().tolist() for k, v in model.structure_posterior(guide).items()}

@@ -30,8 +30,10 @@ def reliability_diagram(probs, labels, n_bins: int = 15, title: str = "", path=N
     fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(centers, np.nan_to_num(acc), width=width, edgecolor="black", label="accuracy")
-    ax.bar(centers, np.nan_to_num(conf - acc), bottom=np.nan_to_num(acc), width=width,
-           color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to confidence")
+    gap_low = np.fmin(acc, conf)
+    ax.bar(centers, np.nan_to_num(np.abs(conf - acc)), bottom=np.nan_to_num(gap_low), width=width,
+           color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//",
+           label="gap |confidence - accuracy|")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

@@ -91,6 +91,12 @@ class DynamicModel(nn.Module):
         """The sub-network that computes ``budget`` alone (for FLOPs and parameter counts)."""
         raise NotImplementedError
 
+    def head_module(self, budget: Budget, guide=None) -> nn.Module | None:
+        """The part of ``budget``'s sub-network that deeper budgets do not reuse (an exit head),
+        or ``None`` when a larger budget recomputes everything. Budgeted-batch evaluation charges
+        an input stopping at budget ``k`` the sub-network ``k`` plus the heads of budgets < k."""
+        return None
+
     def predict_probs(self, guide, x: torch.Tensor, budget: Budget | None = None,
                       num_samples: int = 1) -> PredictiveSamples:
         """Class probabilities at ``budget`` (``None``: marginalised over the structure) as

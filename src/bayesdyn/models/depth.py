@@ -118,6 +118,10 @@ class DepthNet(DynamicModel):
     def budget_module(self, budget: Budget | None, guide=None) -> nn.Module:
         return self.backbone if budget is None else self.backbone.truncated(budget.setting)
 
+    def head_module(self, budget: Budget, guide=None) -> nn.Module:
+        adapter = [] if self.backbone.adapters is None else [self.backbone.adapters[budget.setting]]
+        return nn.Sequential(*adapter, self.backbone.output_block)
+
     def depth_weights(self, guide) -> torch.Tensor:
         if isinstance(guide, DepthGuide):
             return guide.probs()
