@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import (average_precision_score, brier_score_loss, log_loss, roc_auc_score,
-                             roc_curve)
+from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score, roc_curve
 
 from bayesdyn.evaluation import accuracy, brier, ece, nll, ood_metrics, reliability, uncertainty
 from bayesdyn.evaluation.ood import score_entropy, score_max_prob, score_mutual_information

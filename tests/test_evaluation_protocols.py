@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from bayesdyn.evaluation import (apply_thresholds, budgeted_batch, exit_proportions, forward_flops,
-                                 parameter_count, select_thresholds)
+from bayesdyn.evaluation import (
+    apply_thresholds,
+    budgeted_batch,
+    exit_proportions,
+    forward_flops,
+    parameter_count,
+    select_thresholds,
+)
 from bayesdyn.inference.predict import Prediction
 
 

@@ -55,7 +55,7 @@ def build(recipe: Recipe, input_shape, num_classes: int):
     """``(model, guide)`` for ``recipe`` on inputs of ``input_shape``."""
     stack = backbone(recipe, input_shape, num_classes)
     if recipe.method == "deterministic":  # the same backbone at full depth, plain cross-entropy
-        model = DeterministicNet(stack.truncated(stack.max_depth), num_classes)
+        model = DeterministicNet(stack.truncated(stack.max_depth), num_classes, input_shape)
         return model, EmptyGuide(model)
-    model = DepthNet(stack, prior=recipe.prior, num_classes=num_classes)
+    model = DepthNet(stack, prior=recipe.prior, num_classes=num_classes, input_shape=input_shape)
     return model, DepthGuide(model)

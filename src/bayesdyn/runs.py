@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from . import recipes
 from .data import load
 from .evaluation import evaluate
@@ -32,6 +34,7 @@ def train_run(recipe: recipes.Recipe, dataset: str, out, *, data_root=None, down
     _check_run_dir(out, config, resume)
     data = load(dataset, root=data_root, download=download, seed=SPLIT_SEED)
     write_json(out / "config.json", config)
+    torch.manual_seed(seed)  # initial weights depend on the seed only
     model, guide = recipes.build(recipe, data.input_shape, data.num_classes)
     history = fit(model, guide, data, device=device, out=out, resume=resume, progress=progress,
                   epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)

@@ -33,7 +33,7 @@ class DepthGuide(AutoGuide):
         init = torch.zeros(num_depths) if init_logits is None else torch.as_tensor(init_logits)
         if init.shape != (num_depths,):
             raise ValueError(f"init_logits must have shape [{num_depths}], got {tuple(init.shape)}")
-        self.logits = nn.Parameter(init.clone().float())
+        self.logits = nn.Parameter(init.clone().to(torch.get_default_dtype()))
 
     def forward(self, *args, **kwargs):
         d = pyro.sample(self.site, dist.Categorical(logits=self.logits),

@@ -94,8 +94,9 @@ class Trainer:
         self.config, self.device = config, device
         self.out = Path(out) if out is not None else None
         x, y = data.train.tensors
-        check_inputs(x, y, getattr(model, "num_classes", None), what="training inputs")
-        check_inputs(*data.val.tensors, getattr(model, "num_classes", None), what="validation inputs")
+        classes, shape = getattr(model, "num_classes", None), getattr(model, "input_shape", None)
+        check_inputs(x, y, classes, shape, what="training inputs")
+        check_inputs(*data.val.tensors, classes, shape, what="validation inputs")
         _seed_everything(config.seed)
         self.model, self.guide = model.to(device), guide.to(device)
         self.data = data.to(device)

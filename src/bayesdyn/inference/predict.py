@@ -48,7 +48,7 @@ def predict(model, guide, x: torch.Tensor, budget=None, num_samples: int = 8,
     in chunks of ``batch_size`` inputs (memory stays bounded for large ``N``)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    check_inputs(x)
+    check_inputs(x, input_shape=getattr(model, "input_shape", None))
     device = next(model.parameters()).device
     chunks, weights = [], None
     with _EvalMode(model, guide):

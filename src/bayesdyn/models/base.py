@@ -56,14 +56,15 @@ class DynamicModel(nn.Module):
     """Base class of the families. Subclasses implement ``model``, ``default_guide``,
     ``budgets``, ``budget_module`` and ``predict_probs``; ``fast_loss`` is optional."""
 
-    num_classes: int
+    num_classes: int | None = None
+    input_shape: tuple[int, ...] | None = None  # checked at the public boundary when known
     # The Pyro ELBO that serves as reference for this family's fast path.
     reference_elbo: type[pyro.infer.ELBO] = pyro.infer.Trace_ELBO
     max_plate_nesting: int = 1
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
                 dataset_size: int | None = None):
-        check_inputs(x, y, self.num_classes)
+        check_inputs(x, y, self.num_classes, self.input_shape)
         return self.model(x, y, dataset_size)
 
     def model(self, x, y=None, dataset_size=None):

@@ -31,12 +31,12 @@ def depth_prior(prior, num_depths: int) -> torch.Tensor:
         if prior == "uniform":
             return torch.full((num_depths,), 1.0 / num_depths)
         if prior == "decaying":
-            w = VDS_DECAY ** torch.arange(1, num_depths + 1, dtype=torch.float32)
+            w = VDS_DECAY ** torch.arange(1, num_depths + 1, dtype=torch.get_default_dtype())
             return w / w.sum()
         raise ValueError(f"unknown depth prior {prior!r}; use 'uniform', 'decaying', a "
                          "torch.distributions.Categorical or a probability vector")
     probs = prior.probs if isinstance(prior, torch.distributions.Categorical) else prior
-    probs = torch.as_tensor(probs, dtype=torch.float32).detach()
+    probs = torch.as_tensor(probs, dtype=torch.get_default_dtype()).detach()
     if probs.shape != (num_depths,):
         raise ValueError(f"depth prior has shape {tuple(probs.shape)}, expected [{num_depths}] "
                          f"(one probability per depth 0..{num_depths - 1})")
@@ -54,13 +54,15 @@ class DepthNet(DynamicModel):
         prior: ``"uniform"`` (DUN), ``"decaying"`` (VDS) or any categorical over ``D + 1`` depths.
         likelihood: ``"classification"`` (softmax) or ``"regression"`` (Gaussian, learned
             ``sigma`` unless ``noise_scale`` is given).
-        num_classes: output size for classification (read from the backbone if omitted).
+        num_classes: number of classes (classification).
+        input_shape: shape of one input, e.g. ``(1, 28, 28)``; inputs are checked against it.
     """
 
     reference_elbo = pyro.infer.TraceEnum_ELBO
 
     def __init__(self, backbone: DepthStack, prior="uniform", likelihood: str = "classification",
-                 num_classes: int | None = None, noise_scale: float | None = None):
+                 num_classes: int | None = None, noise_scale: float | None = None,
+                 input_shape: tuple[int, ...] | None = None):
         super().__init__()
         if not isinstance(backbone, DepthStack):
             raise TypeError("backbone must be a bayesdyn.nn.DepthStack (one output per depth)")
@@ -68,6 +70,7 @@ class DepthNet(DynamicModel):
             raise ValueError(f"likelihood must be 'classification' or 'regression', got {likelihood!r}")
         self.backbone = backbone
         self.likelihood = likelihood
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.num_classes = num_classes if likelihood == "classification" else None
         self.register_buffer("prior_probs", depth_prior(prior, backbone.max_depth + 1))
         if likelihood == "regression":
@@ -160,7 +163,7 @@ class DepthNet(DynamicModel):
             backbone.adapters = backbone.adapters[: cut + 1]
         fold = lambda p: torch.cat([p[:cut], p[cut:].sum(0, keepdim=True)])  # noqa: E731
         pruned = DepthNet(backbone, prior=fold(self.prior_probs).cpu(), likelihood=self.likelihood,
-                          num_classes=self.num_classes)
+                          num_classes=self.num_classes, input_shape=self.input_shape)
         if self.likelihood == "regression":
             pruned.log_noise = nn.Parameter(self.log_noise.detach().clone())
         pruned.to(self.prior_probs.device)

@@ -15,10 +15,11 @@ from .base import Budget, DynamicModel, PredictiveSamples, data_plate
 class DeterministicNet(DynamicModel):
     """``y ~ Categorical(logits = net(x))`` with point weights; one budget, the full network."""
 
-    def __init__(self, net: nn.Module, num_classes: int):
+    def __init__(self, net: nn.Module, num_classes: int, input_shape=None):
         super().__init__()
         self.net = net
         self.num_classes = num_classes
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
 
     def default_guide(self) -> EmptyGuide:
         return EmptyGuide(self)

@@ -1,0 +1,164 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import TraceEnum_ELBO
+from pyro.infer.autoguide import AutoGuideList, AutoNormal
+
+from bayesdyn.evaluation import measure
+from bayesdyn.guides import DepthGuide
+from bayesdyn.inference import predict
+from bayesdyn.models import DepthNet, depth_prior
+from bayesdyn.nn import residual_mlp, resnet_depth, vds_convnet
+
+
+def random_pair(likelihood="classification", prior="uniform", backbone=None):
+    backbone = backbone or residual_mlp(6, 4 if likelihood == "classification" else 1, width=8,
+                                        depth=3)
+    model = DepthNet(backbone, prior=prior, likelihood=likelihood,
+                     num_classes=4 if likelihood == "classification" else None)
+    guide = DepthGuide(model, init_logits=torch.randn(model.num_depths))
+    with torch.no_grad():  # random parameters everywhere, including BatchNorm's affine ones
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model, guide
+
+
+@pytest.fixture
+def float64():
+    """float64 throughout (Pyro's enumeration builds its own tensors in the default dtype), so
+    any difference between the two losses is a real one, not rounding."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def grads(loss, params):
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("prior", ["uniform", "decaying"])
+def test_fast_loss_equals_traceenum_value_and_gradients(likelihood, prior, float64):
+    model, guide = random_pair(likelihood, prior)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (9,)) if likelihood == "classification" else torch.randn(9).double()
+    model.eval()  # the same BatchNorm behaviour in both evaluations
+    params = [p for p in (*model.parameters(), *guide.parameters()) if p.requires_grad]
+    ref = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, x, y, 250)
+    fast, terms = model.fast_loss(guide, x, y, 250)
+    assert fast.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert (terms["nll"] + terms["kl"]).item() == pytest.approx(fast.item(), rel=1e-6)
+    for g_fast, g_ref in zip(grads(fast, params), grads(ref, params), strict=True):
+        assert (g_fast - g_ref).norm() <= 1e-5 * g_ref.norm() + 1e-12
+
+
+def test_kl_term_is_the_categorical_kl():
+    model, guide = random_pair(prior="decaying")
+    _, terms = model.fast_loss(guide, torch.randn(3, 6), torch.randint(0, 4, (3,)), 3)
+    ref = torch.distributions.kl_divergence(dist.Categorical(logits=guide.logits),
+                                            dist.Categorical(model.prior_probs))
+    assert terms["kl"].item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_priors():
+    assert torch.allclose(depth_prior("uniform", 4), torch.full((4,), 0.25))
+    vds = depth_prior("decaying", 3)
+    assert torch.allclose(vds, torch.tensor([0.85, 0.85**2, 0.85**3]) / (0.85 + 0.85**2 + 0.85**3))
+    user = depth_prior(torch.distributions.Categorical(torch.tensor([1.0, 3.0])), 2)
+    assert torch.allclose(user, torch.tensor([0.25, 0.75]))
+    with pytest.raises(ValueError, match="expected \\[3\\]"):
+        depth_prior(torch.ones(4), 3)
+    with pytest.raises(ValueError, match="positive"):
+        depth_prior(torch.tensor([1.0, 0.0, 1.0]), 3)
+    with pytest.raises(ValueError, match="unknown depth prior"):
+        depth_prior("geometric", 3)
+
+
+def test_one_pass_returns_every_depth_and_matches_truncated_nets():
+    for backbone, shape in ((residual_mlp(6, 4, width=8, depth=3), (6,)),
+                            (vds_convnet(1, 4, depth=2, channels=8, hidden=4), (1, 12, 12)),
+                            (resnet_depth(3, 4, stages=(1, 1), widths=(4, 8)), (3, 8, 8))):
+        backbone.eval()
+        x = torch.randn(5, *shape)
+        out = backbone(x)
+        assert out.shape == (backbone.max_depth + 1, 5, 4)
+        for d in range(backbone.max_depth + 1):
+            assert torch.allclose(out[d], backbone.truncated(d)(x), atol=1e-5)
+        lead = backbone(x.expand(2, *x.shape))  # a leading sample dim broadcasts
+        assert lead.shape == (backbone.max_depth + 1, 2, 5, 4)
+
+
+def test_marginal_prediction_is_the_q_mixture():
+    model, guide = random_pair()
+    model.eval()
+    x = torch.randn(7, 6)
+    pred = predict(model, guide, x)
+    per_depth = torch.softmax(model.backbone(x), -1)
+    expected = torch.einsum("d,dbc->bc", guide.probs(), per_depth)
+    assert torch.allclose(pred.mean, expected.detach(), atol=1e-6)
+    assert pred.probs.shape == (4, 7, 4) and (pred.epistemic >= 0).all()
+    one = predict(model, guide, x, budget=model.budgets()[2])
+    assert torch.allclose(one.mean, per_depth[2].detach(), atol=1e-6)
+
+
+def test_regression_mixture_moments():
+    model, guide = random_pair("regression")
+    model.eval()
+    x = torch.randn(5, 6)
+    mean, var = model.predict_regression(guide, x)
+    q = guide.probs()[:, None]
+    mu = model.backbone(x).squeeze(-1)
+    samples_var = (q * (model.log_noise.exp() ** 2 + mu**2)).sum(0) - mean**2
+    assert torch.allclose(var, samples_var, atol=1e-5)
+
+
+def test_pruning_makes_a_smaller_network_with_folded_posterior():
+    model, guide = random_pair()
+    with torch.no_grad():
+        guide.logits.copy_(torch.tensor([0.0, 2.0, 2.01, 1.0]))
+    pruned, new_guide = model.prune(guide)
+    assert pruned.backbone.max_depth == 1  # q(1) > 0.95 max q
+    q, q_new = guide.probs(), new_guide.probs()
+    assert torch.allclose(q_new, torch.stack([q[0], q[1:].sum()]), atol=1e-6)
+    full, small = measure(model, (6,))[-1], measure(pruned, (6,))[-1]
+    assert small.params < full.params and small.flops < full.flops
+    assert model.backbone.max_depth == 3  # the original is untouched
+
+
+def test_guide_contract():
+    model, guide = random_pair()
+    with torch.no_grad():
+        guide.logits.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]).log_softmax(0))
+    assert guide.median()["depth"].item() == 2
+    # q ~ [.0066, .0066, .98, .0066]: cdf [.0066, .0132, .9934, 1]
+    assert guide.quantiles([0.01, 0.999])["depth"].tolist() == [1, 3]
+    trace = pyro.poutine.trace(guide).get_trace(torch.randn(2, 6))
+    assert trace.nodes["depth"]["infer"]["enumerate"] == "parallel"
+
+
+def test_guide_composes_with_pyro_autoguides():
+    # a user adds a continuous latent next to the depth: DepthGuide + AutoNormal in one guide
+    model, _ = random_pair("regression")
+
+    def extended(x, y=None, dataset_size=None):
+        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
+        return model(x, None if y is None else y - shift, dataset_size)
+
+    guide = AutoGuideList(extended)
+    guide.append(DepthGuide(pyro.poutine.block(extended, expose=["depth"]),
+                            num_depths=model.num_depths))
+    guide.append(AutoNormal(pyro.poutine.block(extended, hide=["depth"])))
+    x, y = torch.randn(4, 6), torch.randn(4)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(extended, guide, x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and guide[0].logits.grad.abs().sum() > 0
+    assert set(guide.median(x)) == {"depth", "shift"}
+
+
+def test_bad_backbone_and_likelihood():
+    with pytest.raises(TypeError, match="DepthStack"):
+        DepthNet(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="likelihood"):
+        DepthNet(residual_mlp(3, 3, depth=1), likelihood="poisson")
