@@ -162,3 +162,20 @@ def test_bad_backbone_and_likelihood():
         DepthNet(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="likelihood"):
         DepthNet(residual_mlp(3, 3, depth=1), likelihood="poisson")
+
+
+def test_swapping_in_pyros_discrete_guide_trains_through_traceenum(digits):
+    from pyro.infer.autoguide import AutoDiscreteParallel
+
+    from bayesdyn.inference import fit
+
+    torch.manual_seed(0)
+    model = DepthNet(residual_mlp(64, 10, width=16, depth=2, input_shape=(1, 8, 8)),
+                     num_classes=10, input_shape=(1, 8, 8))
+    guide = AutoDiscreteParallel(model)
+    history = fit(model, guide, digits, epochs=1, batch_size=128, device="cpu", progress=False)
+    assert history.objective == "pyro"  # no fast path for a foreign guide: Pyro's ELBO is used
+    q = model.structure_posterior(guide)["depth"]
+    assert q.shape == (3,) and abs(q.sum().item() - 1) < 1e-5
+    pred = predict(model, guide, digits.test.tensors[0][:10])
+    assert torch.allclose(pred.weights.float(), q.float(), atol=1e-5)

@@ -125,23 +125,35 @@ class DepthNet(DynamicModel):
         adapter = [] if self.backbone.adapters is None else [self.backbone.adapters[budget.setting]]
         return nn.Sequential(*adapter, self.backbone.output_block)
 
-    def depth_weights(self, guide) -> torch.Tensor:
+    def depth_weights(self, guide, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``q(d)`` ``[D + 1]``: from a ``DepthGuide`` directly, or read off any guide whose
+        ``depth`` site is a categorical (e.g. Pyro's ``AutoDiscreteParallel``) by tracing it."""
         if isinstance(guide, DepthGuide):
             return guide.probs()
-        raise TypeError(f"DepthNet needs a DepthGuide for prediction, got {type(guide).__name__}")
+        if x is None:
+            if self.input_shape is None:
+                raise ValueError("pass x (or build the model with input_shape) to read q(d) "
+                                 f"from a {type(guide).__name__}")
+            x = torch.zeros(1, *self.input_shape, device=self.prior_probs.device)
+        site = pyro.poutine.trace(guide).get_trace(x[:1]).nodes.get("depth")
+        if site is None or not isinstance(site["fn"], dist.Categorical):
+            raise TypeError(f"{type(guide).__name__} has no categorical 'depth' site; use a "
+                            "DepthGuide or a guide that samples depth from a Categorical")
+        return site["fn"].probs.reshape(-1, self.num_depths)[0]
 
     def predict_probs(self, guide, x, budget=None, num_samples=1) -> PredictiveSamples:
         """Exact: per-depth probabilities weighted by ``q(d)`` (marginal) or one depth."""
         if self.likelihood != "classification":
             raise NotImplementedError("use predict_regression for a regression DepthNet")
         if budget is None:
-            return PredictiveSamples(torch.softmax(self.backbone(x), -1), self.depth_weights(guide))
+            return PredictiveSamples(torch.softmax(self.backbone(x), -1),
+                                     self.depth_weights(guide, x))
         logits = self.backbone.truncated(budget.setting)(x)
         return PredictiveSamples.equal(torch.softmax(logits, -1)[None])
 
     def predict_regression(self, guide, x) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixture mean and variance ``[B]`` of the depth-marginal Gaussian predictive."""
-        q = self.depth_weights(guide)[:, None]
+        q = self.depth_weights(guide, x)[:, None]
         mu = self.backbone(x).squeeze(-1)  # [D+1, B]
         mean = (q * mu).sum(0)
         var = self.log_noise.exp() ** 2 + (q * mu**2).sum(0) - mean**2

@@ -1,0 +1,81 @@
+"""Shared timing and reporting for the benchmarks: ratios against a baseline measured in the
+same process, interleaved rounds (so drift hits every variant alike), results appended to
+RESULTS.md with the command, device and date."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(variants: dict, device, steps: int = 20, rounds: int = 7, warmup: int = 5):
+    """Median seconds per call of each zero-argument callable, measured in interleaved rounds."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def peak_memory(fn, device) -> int | None:
+    """Peak GPU memory (bytes) of one call; None on CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def report(title: str, rows: list[tuple[str, float, int | None]], baseline: str, device,
+           checks: list[tuple[str, float, float]], notes: str = "") -> str:
+    """Print and append a Markdown section: ms per step, ratio to ``baseline``, peak memory, and
+    target checks ``(description, measured ratio, limit)``."""
+    base = dict((n, t) for n, t, _ in rows)[baseline]
+    lines = [f"### {title}", "",
+             f"- command: `python {' '.join(sys.argv)}`",
+             f"- device: {device_name(device)}; torch {torch.__version__}",
+             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC", "",
+             "| variant | ms / step | ratio to baseline | peak GPU MiB |", "|---|---|---|---|"]
+    for name, t, mem in rows:
+        mib = "-" if mem is None else f"{mem / 2**20:.0f}"
+        lines.append(f"| {name} | {1e3 * t:.3f} | {t / base:.3f} | {mib} |")
+    lines += ["", "| target | measured | limit | met |", "|---|---|---|---|"]
+    for text, value, limit in checks:
+        lines.append(f"| {text} | {value:.3f} | {limit} | {'yes' if value <= limit else 'NO'} |")
+    if notes:
+        lines += ["", notes]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if "--no-record" not in sys.argv:
+        with RESULTS.open("a") as fh:
+            fh.write("\n" + text)
+    return text
