@@ -39,7 +39,7 @@ def test_unknown_method_and_dataset_are_clear_errors(tmp_path, capsys):
     assert "unknown method 'bogus'" in capsys.readouterr().err
     assert main(["train", "depth", "--dataset", "bogus", "--out", str(tmp_path / "b")]) == 2
     assert "unknown dataset 'bogus'" in capsys.readouterr().err
-    assert main(["train", "nested", "--dataset", "digits", "--out", str(tmp_path / "c")]) == 2
+    assert main(["train", "ensemble", "--dataset", "digits", "--out", str(tmp_path / "c")]) == 2
     assert "not built yet" in capsys.readouterr().err
 
 

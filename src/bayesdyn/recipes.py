@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .guides import DepthGuide, EmptyGuide
-from .models import DepthNet, DeterministicNet
-from .nn import residual_mlp, resnet_depth, vds_convnet
+from .guides import DepthGuide, EmptyGuide, NestedGuide
+from .models import DepthNet, DeterministicNet, NestedNet
+from .nn import nested_convnet, nested_mlp, residual_mlp, resnet_depth, vds_convnet
 
-IMPLEMENTED = ("deterministic", "depth")
-PLANNED = ("nested", "nested-dropout", "exits", "boosted-exits", "ensemble")
+IMPLEMENTED = ("deterministic", "depth", "nested", "nested-dropout")
+PLANNED = ("exits", "boosted-exits", "ensemble")
 ARCHS = ("mlp", "conv", "resnet18")
 
 
@@ -19,8 +19,9 @@ class Recipe:
     method: str
     arch: str = "auto"  # auto: mlp for 8x8 inputs, conv otherwise
     depth: int = 4  # residual blocks (mlp, conv)
-    width: int = 64  # hidden units / channels
+    width: int = 64  # hidden units / channels (nested: units of the widest ordered layer)
     prior: str = "uniform"  # depth prior: uniform | decaying
+    keep_prob: float = 0.95  # nested: keep probability of the truncated-geometric prior
 
     def __post_init__(self):
         if self.method in PLANNED:
@@ -51,8 +52,22 @@ def backbone(recipe: Recipe, input_shape, num_classes: int):
     return resnet_depth(channels, num_classes)
 
 
+def nested_backbone(recipe: Recipe, input_shape, num_classes: int):
+    channels, height, width = input_shape
+    bayesian = recipe.method == "nested"
+    if recipe.arch in ("mlp", "auto") and (recipe.arch == "mlp" or height * width <= 64):
+        return nested_mlp(channels * height * width, num_classes, (recipe.width, recipe.width),
+                          bayesian=bayesian, input_shape=input_shape)
+    return nested_convnet(channels, num_classes, (recipe.width // 2, recipe.width, recipe.width),
+                          bayesian=bayesian)
+
+
 def build(recipe: Recipe, input_shape, num_classes: int):
     """``(model, guide)`` for ``recipe`` on inputs of ``input_shape``."""
+    if recipe.method in ("nested", "nested-dropout"):
+        net = nested_backbone(recipe, input_shape, num_classes)
+        model = NestedNet(net, num_classes, keep_prob=recipe.keep_prob, input_shape=input_shape)
+        return model, NestedGuide(model, learn_ordering=recipe.method == "nested")
     stack = backbone(recipe, input_shape, num_classes)
     if recipe.method == "deterministic":  # the same backbone at full depth, plain cross-entropy
         model = DeterministicNet(stack.truncated(stack.max_depth), num_classes, input_shape)

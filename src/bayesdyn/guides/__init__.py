@@ -3,5 +3,6 @@
 
 from .depth import DepthGuide
 from .empty import EmptyGuide
+from .nested import NestedGuide
 
-__all__ = ["DepthGuide", "EmptyGuide"]
+__all__ = ["DepthGuide", "EmptyGuide", "NestedGuide"]

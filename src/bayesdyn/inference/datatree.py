@@ -13,6 +13,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from .predict import _EvalMode
 
@@ -21,7 +22,8 @@ DIMS = {"probs": ["obs_id", "class"], OBS: ["obs_id"]}
 
 
 def to_datatree(model, guide, x: torch.Tensor, y: torch.Tensor, num_samples: int = 200,
-                runs: list | None = None, seed: int = 0, attrs: dict | None = None):
+                runs: list | None = None, seed: int = 0, attrs: dict | None = None,
+                weights: bool = False):
     """``DataTree`` with groups ``posterior`` (latent sites and ``pyro.deterministic`` sites such
     as class probabilities), ``posterior_predictive`` (label draws), ``log_likelihood`` and
     ``observed_data``, dims ``(chain, draw, ...)``.
@@ -33,9 +35,10 @@ def to_datatree(model, guide, x: torch.Tensor, y: torch.Tensor, num_samples: int
         num_samples: draws per chain.
         runs: further independent ``(model, guide)`` pairs (other seeds), one chain each, so
             ``arviz.rhat`` measures between-run disagreement.
+        weights: also store weight sites (``*.weight``; large), not only structural latents.
     """
     pairs = [(model, guide), *(runs or [])]
-    chains = [_draws(m, g, x, y, num_samples, seed + i) for i, (m, g) in enumerate(pairs)]
+    chains = [_draws(m, g, x, y, num_samples, seed + i, weights) for i, (m, g) in enumerate(pairs)]
     groups = {name: {k: np.stack([c[name][k] for c in chains]) for k in chains[0][name]}
               for name in ("posterior", "posterior_predictive", "log_likelihood")}
     groups["observed_data"] = {OBS: y.detach().cpu().numpy()}
@@ -47,7 +50,7 @@ def to_datatree(model, guide, x: torch.Tensor, y: torch.Tensor, num_samples: int
 
 
 @torch.no_grad()
-def _draws(model, guide, x, y, num_samples, seed) -> dict:
+def _draws(model, guide, x, y, num_samples, seed, weights) -> dict:
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     pyro.set_rng_seed(seed)
@@ -61,7 +64,11 @@ def _draws(model, guide, x, y, num_samples, seed) -> dict:
     posterior, n = {}, x.shape[0]
     latent = set(guide_trace.stochastic_nodes)
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not (name in latent or site["infer"].get("_deterministic")):
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if not (name in latent or site["infer"].get("_deterministic")):
+            continue
+        if name.endswith(".weight") and not weights:
             continue
         posterior[name] = _per_draw(site, num_samples, n).cpu().numpy()
     obs = trace.nodes[OBS]

@@ -282,7 +282,7 @@ class Trainer:
         record = {"epoch": epoch + 1, **self._means(running, steps),
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3)}
         if len(x_val):
-            pred = predict(self.model, self.guide, x_val, num_samples=1)
+            pred = predict(self.model, self.guide, x_val, num_samples=4)
             p_true = pred.mean.gather(-1, y_val.cpu()[:, None]).clamp_min(1e-12)
             record["val_accuracy"] = float((pred.mean.argmax(-1) == y_val.cpu()).float().mean())
             record["val_nll"] = float(-p_true.log().mean())

@@ -3,6 +3,7 @@
 from .base import Budget, DynamicModel, PredictiveSamples
 from .depth import DepthNet, depth_prior
 from .deterministic import DeterministicNet
+from .nested import NestedNet
 
-__all__ = ["Budget", "DepthNet", "DeterministicNet", "DynamicModel", "PredictiveSamples",
+__all__ = ["Budget", "DepthNet", "DeterministicNet", "DynamicModel", "NestedNet", "PredictiveSamples",
            "depth_prior"]

@@ -104,6 +104,10 @@ class DynamicModel(nn.Module):
         weighted samples ``[S, B, C]``."""
         raise NotImplementedError
 
+    def prepare_evaluation(self, x_train: torch.Tensor, guide=None) -> None:
+        """Called by ``evaluate`` before predicting at the budgets, with training inputs (e.g.
+        nested nets re-estimate BatchNorm statistics per width). Default: nothing."""
+
     def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
         """Posterior over the structure, e.g. ``{"depth": q(d) [D+1]}`` (may be empty)."""
         return {}

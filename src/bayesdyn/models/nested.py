@@ -1,0 +1,252 @@
+"""NestedNet: Bayesian nested networks (BNNN, methods.md §1) and the nested-dropout baseline.
+
+Per ordered layer ``l`` an ordering mask ``z_l`` (a Downhill sample) switches unit groups off
+from the back; weights are Gaussian. The model:
+
+    z_l ~ Downhill(TruncatedGeometric(keep_prob, K))        (hard, straight-through)
+    W_{l,g} ~ N(0, prior_scale^2)                            counted only while group g is on
+    y_n ~ Categorical(logits = f(x_n; W, z))
+
+With the guide's weights equal to the prior on switched-off groups, the expected KL of the
+weights is ``sum_g Q_g KL_g`` with ``Q_g = q(z >= g)`` (methods.md §1.5), which the fast path
+computes exactly, together with the exact categorical ``KL(q(z) || p(z))``.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from torch import nn
+
+from ..distributions import Downhill, OrderingDistribution, TruncatedGeometric
+from ..guides.nested import NestedGuide
+from ..nn.ordered import OrderedNet
+from .base import Budget, DynamicModel, PredictiveSamples, data_plate
+
+NUM_WIDTHS = 16  # widths 1 - i/15, i = 0..15 (BNNN's evaluation grid)
+
+
+class NestedNet(DynamicModel):
+    """Pyro model of an ``OrderedNet`` with a latent ordering per ordered layer.
+
+    Args:
+        net: an ``OrderedNet`` (``bayesdyn.nn.nested_mlp`` / ``nested_convnet``); with point
+            weights (``bayesian=False``) and a guide with ``learn_ordering=False`` this is
+            nested dropout.
+        keep_prob: ``π`` of the truncated-geometric ordering prior (BNNN: 0.95).
+        ordering_prior: any ``OrderingDistribution`` over ``{0..K}`` instead (one for all layers
+            or a list, one per layer).
+        prior_scale: standard deviation of the Gaussian weight prior.
+        temperature: Downhill temperature (BNNN: 2.0, fixed).
+        kl_weight: multiplies every KL term (1.0: the ELBO; the BNNN code's effective weight is
+            about ``1e-5 * N / fan_in`` per weight, methods.md §1.5).
+        kl_weighting: ``"survival"`` (paper: a group's weight KL counts while it is on) or
+            ``"full"`` (every group's KL always counts; use it with a weight guide that does not
+            know the masks, e.g. ``AutoNormal``).
+    """
+
+    def __init__(self, net: OrderedNet, num_classes: int, keep_prob: float = 0.95,
+                 ordering_prior=None, prior_scale: float = 1.0, temperature: float = 2.0,
+                 kl_weight: float = 1.0, kl_weighting: str = "survival", input_shape=None):
+        super().__init__()
+        if not isinstance(net, OrderedNet):
+            raise TypeError("net must be a bayesdyn.nn.OrderedNet (nested_mlp / nested_convnet)")
+        if not 0.0 < keep_prob < 1.0:
+            raise ValueError(f"keep_prob must be in (0, 1), got {keep_prob}")
+        if prior_scale <= 0 or temperature <= 0 or kl_weight < 0:
+            raise ValueError("prior_scale and temperature must be positive, kl_weight >= 0")
+        if kl_weighting not in ("survival", "full"):
+            raise ValueError(f"kl_weighting must be 'survival' or 'full', got {kl_weighting!r}")
+        self.net, self.num_classes = net, num_classes
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.prior_scale, self.temperature = prior_scale, temperature
+        self.kl_weight, self.kl_weighting = kl_weight, kl_weighting
+        self.prior_keep_logit = float(torch.logit(torch.tensor(keep_prob)))
+        sizes = [b.num_orderable for b in net.blocks]
+        priors = ordering_prior if isinstance(ordering_prior, (list, tuple)) \
+            else [ordering_prior] * len(sizes)
+        for i, (k, prior) in enumerate(zip(sizes, priors, strict=True)):
+            prior = TruncatedGeometric(keep_prob, k) if prior is None else prior
+            if not isinstance(prior, OrderingDistribution) or prior.num_groups != k:
+                raise ValueError(f"ordering prior of layer {i} must be an OrderingDistribution "
+                                 f"over 0..{k}")
+            self.register_buffer(f"prior_probs_{i}", prior.probs.detach().clone())
+
+    # --- helpers shared with the guide --------------------------------------------------------
+    def prior_probs(self) -> list[torch.Tensor]:
+        return [getattr(self, f"prior_probs_{i}") for i in range(len(self.net.blocks))]
+
+    @staticmethod
+    def squeeze_mask(mask: torch.Tensor) -> torch.Tensor:
+        """Drop the singleton plate dim vectorised draws give a global site: ``[S, 1, K] -> [S, K]``."""
+        return mask.squeeze(-2) if mask.dim() >= 3 else mask
+
+    @staticmethod
+    def grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+        """``[out, ...] -> [G, out / G, ...]``: one batch entry per unit group."""
+        return t.reshape(groups, t.shape[0] // groups, *t.shape[1:])
+
+    def weight_groups(self, masks):
+        """``(site name, layer, groups, active [..., G] bool)`` for every Bayesian layer: a
+        group's weights count in the ELBO while the group is on (``kl_weighting="survival"``)."""
+        for i, block in enumerate(self.net.blocks):
+            on = torch.cat([torch.ones_like(masks[i][..., :block.frozen]), masks[i]], -1) > 0.5
+            if self.kl_weighting == "full":
+                on = torch.ones_like(on)
+            yield f"blocks.{i}.layer.weight", block.layer, block.groups, on
+        head = self.net.head
+        yield "head.weight", head, 1, torch.ones(1, dtype=torch.bool, device=head.weight_mu.device)
+
+    @staticmethod
+    def group_plate(name: str, groups: int):
+        return pyro.plate(f"{name}_groups", groups, dim=-1)
+
+    def default_guide(self) -> NestedGuide:
+        return NestedGuide(self, learn_ordering=self.net.bayesian)
+
+    # --- Pyro model ---------------------------------------------------------------------------
+    def model(self, x, y=None, dataset_size=None):
+        masks, weights = [], {}
+        with poutine.scale(scale=self.kl_weight):
+            for i, probs in enumerate(self.prior_probs()):
+                m = pyro.sample(f"order_{i}", Downhill(probs=probs, temperature=self.temperature,
+                                                       hard=True))
+                masks.append(self.squeeze_mask(m))
+            if self.net.bayesian:
+                for name, layer, groups, active in self.weight_groups(masks):
+                    shape = self.grouped(layer.weight_mu, groups).shape
+                    prior = dist.Normal(torch.zeros(shape, device=x.device), self.prior_scale)
+                    with self.group_plate(name, groups), poutine.mask(mask=active):
+                        w = pyro.sample(name, prior.to_event(len(shape) - 1))
+                    w = w.reshape(*w.shape[:-len(shape)], -1, *shape[2:])  # [(S,) out, ...]
+                    weights[name.removesuffix(".weight")] = w if w.dim() > layer.weight_mu.dim() else w[None]
+        logits = self.net(x, masks=masks, sample=False, weights=weights or None,
+                          num_samples=max(m.reshape(-1, m.shape[-1]).shape[0] for m in masks))
+        logits = logits[0] if logits.shape[0] == 1 else logits  # [(S,) B, C]
+        with data_plate(x, dataset_size):
+            pyro.deterministic("probs", torch.softmax(logits, -1), event_dim=1)
+            return pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+
+    # --- fast path ----------------------------------------------------------------------------
+    def kl_terms(self, guide: NestedGuide) -> dict[str, torch.Tensor]:
+        """Exact ``KL(q(z) || p(z))`` over layers and the survival-weighted weight KL."""
+        zero = torch.zeros((), device=self.net.head.weight_mu.device)
+        kl_z, kl_w = zero, zero
+        for q, p_probs, block in zip(guide.orderings(), self.prior_probs(), self.net.blocks, strict=True):
+            if guide.learn_ordering:
+                kl_z = kl_z + (q.probs * (q.probs.log() - p_probs.log())).sum()
+            if self.net.bayesian:
+                per_group = block.layer.kl_per_unit(self.prior_scale).reshape(block.groups, -1).sum(-1)
+                survival = torch.cat([torch.ones(block.frozen, device=zero.device),
+                                      q.survival()[1:]]) if self.kl_weighting == "survival" else 1.0
+                kl_w = kl_w + (survival * per_group).sum()
+        if self.net.bayesian:
+            kl_w = kl_w + self.net.head.kl_per_unit(self.prior_scale).sum()
+        return {"kl_order": kl_z, "kl_weights": kl_w}
+
+    def fast_loss(self, guide, x, y, dataset_size):
+        if type(guide) is not NestedGuide or not guide.with_weights:
+            return NotImplemented
+        masks = [guide.downhill(q).rsample() for q in guide.orderings()]  # one per batch (BNNN)
+        logits = self.net(x, masks=masks, sample=True)[0]
+        nll = F.cross_entropy(logits, y, reduction="sum") * (dataset_size / x.shape[0])
+        terms = {"nll": nll, **self.kl_terms(guide)}
+        return nll + self.kl_weight * (terms["kl_order"] + terms["kl_weights"]), terms
+
+    # --- budgets and prediction ---------------------------------------------------------------
+    def widths(self) -> list[float]:
+        return [1 - i / (NUM_WIDTHS - 1) for i in range(NUM_WIDTHS)]
+
+    def groups_for_width(self, width: float) -> tuple[int, ...]:
+        return tuple(b.frozen + round(b.num_orderable * width) for b in self.net.blocks)
+
+    def budgets(self, guide=None) -> list[Budget]:
+        """Uniform widths ``1 - i/15`` (smallest first); per-layer widths are any
+        ``Budget(name, setting=(groups kept per layer))``."""
+        return [Budget(f"width {w:.3f}", self.groups_for_width(w)) for w in reversed(self.widths())]
+
+    def budget_module(self, budget, guide=None) -> nn.Module:
+        groups = tuple(b.groups for b in self.net.blocks) if budget is None else budget.setting
+        return _WidthForward(self.net.sliced(groups))
+
+    def predict_probs(self, guide, x, budget=None, num_samples=1,
+                      deterministic: bool = False) -> PredictiveSamples:
+        """Bayesian prediction: ``num_samples`` draws of weights (local reparameterisation)
+        and, for the marginal (``budget=None``), of the ordering masks from ``q(z)``, all in one
+        vectorised pass. ``deterministic``: mean weights, a single pass."""
+        samples = 1 if deterministic else num_samples
+        if budget is None:
+            masks = [guide.downhill(q).sample((samples,)) for q in guide.orderings()]
+            logits = self.net(x, masks=masks, sample=not deterministic, num_samples=samples)
+        else:
+            with self.width_statistics(budget.setting):
+                logits = self.net(x, n_groups=budget.setting, sample=not deterministic,
+                                  num_samples=samples)
+        return PredictiveSamples.equal(torch.softmax(logits, -1))
+
+    def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (q, p) in enumerate(zip(guide.orderings(), self.prior_probs(), strict=True)):
+            out[f"layer {i} groups"] = q.probs.detach()
+            out[f"layer {i} groups prior"] = p
+        return out
+
+    # --- BatchNorm statistics per width -------------------------------------------------------
+    @torch.no_grad()
+    def prepare_evaluation(self, x_train: torch.Tensor, guide=None, batch_size: int = 500) -> None:
+        """Re-estimate BatchNorm statistics at every width on training inputs (as slimmable
+        networks do): the running statistics from training mix all mask states."""
+        self._width_stats = {}
+        was_training = self.training
+        trained = [(b.bn.running_mean.clone(), b.bn.running_var.clone()) for b in self.net.blocks]
+        for budget in self.budgets():
+            for block in self.net.blocks:
+                block.bn.reset_running_stats()
+                block.bn.momentum = None  # cumulative average over the calibration batches
+            self.train()
+            for xb in x_train.split(batch_size):
+                self.net(xb, n_groups=budget.setting, sample=self.net.bayesian)
+            self._width_stats[budget.setting] = [
+                (b.bn.running_mean.clone(), b.bn.running_var.clone()) for b in self.net.blocks]
+        for block, (mean, var) in zip(self.net.blocks, trained, strict=True):
+            block.bn.running_mean.copy_(mean)  # the marginal (random masks) keeps training's
+            block.bn.running_var.copy_(var)
+            block.bn.momentum = 0.1
+        self.train(was_training)
+
+    def width_statistics(self, setting):
+        return _SwapStats(self, getattr(self, "_width_stats", {}).get(tuple(setting)))
+
+
+class _SwapStats:
+    def __init__(self, model, stats):
+        self.model, self.stats = model, stats
+
+    def __enter__(self):
+        if self.stats is None:
+            return
+        self.saved = [(b.bn.running_mean.clone(), b.bn.running_var.clone()) for b in self.model.net.blocks]
+        for b, (m, v) in zip(self.model.net.blocks, self.stats, strict=True):
+            b.bn.running_mean.copy_(m)
+            b.bn.running_var.copy_(v)
+
+    def __exit__(self, *exc):
+        if self.stats is None:
+            return
+        for b, (m, v) in zip(self.model.net.blocks, self.saved, strict=True):
+            b.bn.running_mean.copy_(m)
+            b.bn.running_var.copy_(v)
+
+
+class _WidthForward(nn.Module):
+    """A sliced network's forward pass for cost measurement: one Monte Carlo sample."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x, sample=self.net.bayesian)[0]

@@ -1,0 +1,152 @@
+import math
+
+import pyro
+import pytest
+import torch
+
+from bayesdyn.distributions import StickBreakingOrdering, TruncatedGeometric
+from bayesdyn.evaluation import measure
+from bayesdyn.guides import NestedGuide
+from bayesdyn.inference import fit, predict
+from bayesdyn.models import NestedNet
+from bayesdyn.nn import nested_convnet, nested_mlp
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def small_pair(bayesian=True, **kwargs):
+    torch.manual_seed(0)
+    net = nested_mlp(6, 3, hidden=(8, 8), groups=4, frozen=1, bayesian=bayesian)
+    if bayesian:
+        for layer in net.bayes_layers().values():
+            layer.weight_log_sigma.data.fill_(-1.0)  # visible weight noise
+    model = NestedNet(net, 3, keep_prob=0.7, **kwargs)
+    return model, NestedGuide(model, init_rho=0.5, learn_ordering=bayesian)
+
+
+def test_fast_loss_equals_trace_elbo_in_expectation(float64):
+    model, guide = small_pair()
+    model.eval()
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with torch.no_grad():
+        fast = torch.stack([model.fast_loss(guide, x, y, 100)[0] for _ in range(800)])
+        elbo = pyro.infer.Trace_ELBO(num_particles=4000, vectorize_particles=True,
+                                     max_plate_nesting=1)
+        ref = torch.tensor([elbo.loss(model, guide, x, y, 100) for _ in range(4)])
+    se = math.sqrt(fast.var().item() / len(fast) + ref.var().item() / len(ref))
+    assert abs(fast.mean().item() - ref.mean().item()) < 4 * se + 1e-3
+    assert se < 1.0  # the comparison is sharp enough to mean something (loss ~ 170)
+
+
+def test_kl_terms_are_exact():
+    model, guide = small_pair()
+    terms = model.kl_terms(guide)
+    q = guide.orderings()
+    ref_z = sum(torch.distributions.kl_divergence(qi, TruncatedGeometric(0.7, qi.num_groups))
+                for qi in q)
+    assert torch.isclose(terms["kl_order"], ref_z.float(), rtol=1e-5)
+    # weight KL by hand for block 0: Q_g * sum over the group's weights of the Gaussian KL
+    layer, block = model.net.blocks[0].layer, model.net.blocks[0]
+    kl_unit = torch.distributions.kl_divergence(
+        torch.distributions.Normal(layer.weight_mu, layer.weight_sigma()),
+        torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    survival = torch.cat([torch.ones(1), q[0].survival()[1:]])
+    block0 = (survival * kl_unit.reshape(block.groups, -1).sum(-1)).sum()
+    assert torch.isclose(layer.kl_per_unit(1.0).reshape(4, -1).sum(-1) @ survival, block0, rtol=1e-5)
+
+
+def test_gradients_reach_ordering_and_weights():
+    model, guide = small_pair()
+    loss, _ = model.fast_loss(guide, torch.randn(16, 6), torch.randint(0, 3, (16,)), 100)
+    loss.backward()
+    assert all(r.grad.abs().sum() > 0 for r in guide.rho)
+    assert model.net.blocks[0].layer.weight_log_sigma.grad.abs().sum() > 0
+
+
+def test_width_slicing_computes_less_and_equals_masking():
+    net = nested_convnet(1, 10, channels=(16, 32, 32), groups=16, frozen=1)
+    model = NestedNet(net, 10, input_shape=(1, 28, 28))
+    budgets = measure(model, (1, 28, 28))
+    flops = [b.flops for b in budgets]
+    assert len(budgets) == 16 and flops == sorted(flops) and flops[0] < flops[-1] / 10
+    assert budgets[0].params < budgets[-1].params / 10
+    net.eval()
+    x = torch.randn(3, 1, 28, 28)
+    keep = budgets[4].setting
+    sliced = net(x, n_groups=keep, sample=False)
+    masks = [(torch.arange(b.num_orderable) < k - b.frozen).float() for b, k in zip(net.blocks, keep, strict=False)]
+    assert torch.allclose(sliced, net(x, masks=masks, sample=False), atol=1e-5)
+
+
+def test_prediction_is_vectorised_over_samples_and_widths():
+    model, guide = small_pair()
+    model.eval()
+    x = torch.randn(7, 6)
+    marginal = predict(model, guide, x, num_samples=6)
+    assert marginal.probs.shape == (6, 7, 3) and (marginal.epistemic > 0).any()
+    narrow = predict(model, guide, x, budget=model.budgets()[0], num_samples=4)
+    assert narrow.probs.shape == (4, 7, 3)
+    mean_only = model.predict_probs(guide, x, deterministic=True, num_samples=5)
+    assert mean_only.probs.shape == (1, 7, 3)
+
+
+def test_nested_dropout_baseline_has_no_kl_and_fixed_ordering():
+    model, guide = small_pair(bayesian=False)
+    _, terms = model.fast_loss(guide, torch.randn(4, 6), torch.randint(0, 3, (4,)), 40)
+    assert terms["kl_order"] == 0 and terms["kl_weights"] == 0
+    assert not list(guide.parameters())
+    assert torch.allclose(guide.orderings()[0].probs, TruncatedGeometric(0.7, 3).probs, atol=1e-6)
+
+
+def test_learned_ordering_and_width_calibration_on_digits(digits):
+    torch.manual_seed(0)
+    net = nested_mlp(64, 10, hidden=(32, 32), groups=16, frozen=1, input_shape=(1, 8, 8))
+    model = NestedNet(net, 10, input_shape=(1, 8, 8))
+    guide = model.default_guide()
+    history = fit(model, guide, digits, epochs=3, batch_size=64, lr=3e-3, device="cpu",
+                  progress=False)
+    assert history.objective == "fast" and history.epochs[-1]["val_accuracy"] > 0.5
+    before = [q.probs.detach() for q in NestedGuide(model).orderings()]
+    after = [q.probs.detach() for q in guide.orderings()]
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(after, before, strict=False))  # q moved: learned
+    model.prepare_evaluation(digits.train.tensors[0], guide)
+    assert len(model._width_stats) == 16
+    assert set(model.structure_posterior(guide)) == {"layer 0 groups", "layer 0 groups prior",
+                                                     "layer 1 groups", "layer 1 groups prior"}
+
+
+def test_user_ordering_prior_and_errors():
+    net = nested_mlp(6, 3, hidden=(8,), groups=4, frozen=1)
+    custom = StickBreakingOrdering(torch.tensor([0.9, 0.9, 0.2]))
+    model = NestedNet(net, 3, ordering_prior=custom)
+    assert torch.allclose(model.prior_probs()[0], custom.probs)
+    with pytest.raises(ValueError, match="OrderingDistribution over 0..3"):
+        NestedNet(net, 3, ordering_prior=TruncatedGeometric(0.5, 5))
+    with pytest.raises(ValueError, match="keep_prob"):
+        NestedNet(net, 3, keep_prob=1.5)
+    with pytest.raises(ValueError, match="equal groups"):
+        nested_mlp(6, 3, hidden=(10,), groups=4)
+
+
+def test_nested_exports_to_arviz(digits):
+    import arviz as az
+
+    from bayesdyn.inference import to_datatree
+    from bayesdyn.recipes import Recipe, build
+
+    torch.manual_seed(0)
+    model, guide = build(Recipe("nested", width=32), digits.input_shape, 10)
+    x, y = (t[:30] for t in digits.test.tensors)
+    tree = to_datatree(model, guide, x, y, num_samples=50)
+    post = tree["posterior"].dataset
+    assert set(post.data_vars) == {"order_0", "order_1", "probs"}
+    masks = post["order_0"].values  # [chain, draw, K]: monotone 0/1 nested masks
+    assert masks.shape == (1, 50, 15) and ((masks == 0) | (masks == 1)).all()
+    assert (masks[..., 1:] <= masks[..., :-1]).all()
+    assert "mean" in az.summary(tree, var_names=["order_0"]).columns
