@@ -122,14 +122,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def format_table(results: list[dict]) -> str:
+def format_table(results: list[dict], max_budgets: int = 6) -> str:
     """One row per (method, budget) and the marginalised model."""
     head = f"{'method':<14} {'budget':<10} {'kFLOPs':>9} {'acc':>7} {'NLL':>7} {'ECE':>7} {'OOD AUROC':>10}"
     lines = [head, "-" * len(head)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in results:
+        budgets = r["budgets"]
+        if len(budgets) > max_budgets:  # evenly spaced budgets; metrics.json has all of them
+            keep = sorted({round(j * (len(budgets) - 1) / (max_budgets - 1)) for j in range(max_budgets)})
+            budgets = [budgets[i] for i in keep]
         rows = [("marginal", r["marginal"])] if len(r["budgets"]) > 1 else []
-        rows += [(b["budget"], b) for b in r["budgets"]]
+        rows += [(b["budget"], b) for b in budgets]
         for name, m in rows:
             lines.append(f"{r['method']:<14} {name:<10} {m['flops'] / 1e3:>9.1f} "
                          f"{fmt(m['accuracy']):>7} {fmt(m['nll']):>7} {fmt(m['ece']):>7} "

@@ -30,13 +30,18 @@ class NestedGuide(AutoGuide):
             ``AutoGuideList``).
         gumbel_logits: ``"log_probs"`` (correct) or ``"probs"``, the official code's behaviour of
             passing probabilities as Gumbel-softmax logits (methods.md §1.4), for comparison.
+        nested: the ``NestedNet`` when ``model`` is a ``poutine.block``-ed view of it (as in an
+            ``AutoGuideList``).
     """
 
     def __init__(self, model, init_rho: float = 3.0, learn_ordering: bool = True,
-                 weights: bool = True, gumbel_logits: str = "log_probs"):
+                 weights: bool = True, gumbel_logits: str = "log_probs", nested=None):
         super().__init__(model)
-        net = model.net if hasattr(model, "net") else model.model.net  # plain or blocked model
-        self._net = (net,)  # not a submodule: the model owns the layers
+        nested = model if nested is None else nested
+        if not hasattr(nested, "net") or not hasattr(nested, "kl_weight"):
+            raise TypeError("NestedGuide needs a NestedNet (pass nested=... for a blocked model)")
+        self._nested = (nested,)  # not a submodule: the model owns the layers
+        net = nested.net
         if gumbel_logits not in ("log_probs", "probs"):
             raise ValueError(f"gumbel_logits must be 'log_probs' or 'probs', got {gumbel_logits!r}")
         self.gumbel_logits, self.learn_ordering, self.with_weights = gumbel_logits, learn_ordering, weights
@@ -44,15 +49,19 @@ class NestedGuide(AutoGuide):
         if learn_ordering:
             self.rho = nn.ParameterList([nn.Parameter(torch.full((k,), float(init_rho))) for k in sizes])
         else:
-            prior = model.prior_keep_logit if hasattr(model, "prior_keep_logit") else init_rho
+            prior = nested.prior_keep_logit
             for i, k in enumerate(sizes):
                 self.register_buffer(f"rho_fixed_{i}", torch.full((k,), float(prior)))
         self._sizes = sizes
-        self.temperature = model.temperature
+        self.temperature = nested.temperature
 
     @property
     def net(self):
-        return self._net[0]
+        return self.nested.net
+
+    @property
+    def nested(self):
+        return self._nested[0]
 
     def rhos(self) -> list[torch.Tensor]:
         if self.learn_ordering:
@@ -69,7 +78,7 @@ class NestedGuide(AutoGuide):
         return Downhill(probs=q.probs, temperature=self.temperature, hard=hard)
 
     def forward(self, x, y=None, dataset_size=None):
-        model = self.model if hasattr(self.model, "kl_weight") else self.model.model
+        model = self.nested
         out = {}
         with poutine.scale(scale=model.kl_weight):
             for i, q in enumerate(self.orderings()):

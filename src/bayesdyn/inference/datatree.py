@@ -12,9 +12,9 @@ import arviz_base
 import numpy as np
 import pyro
 import torch
-from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ..models.base import vectorized_trace
 from .predict import _EvalMode
 
 OBS = "y"
@@ -54,12 +54,8 @@ def _draws(model, guide, x, y, num_samples, seed, weights) -> dict:
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     pyro.set_rng_seed(seed)
-    # Draw S guide samples at once in a plate left of the model's plates, then replay the model
-    # on them (what Pyro's ELBOs do per particle): one vectorised trace per run.
-    draws_dim = -(getattr(model, "max_plate_nesting", 1) + 1)
-    with _EvalMode(model, guide), pyro.plate("_draws", num_samples, dim=draws_dim):
-        guide_trace = poutine.trace(guide).get_trace(x, y)
-        trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+    with _EvalMode(model, guide):
+        trace, guide_trace = vectorized_trace(model, guide, x, y, num_samples)
     trace.compute_log_prob()
     posterior, n = {}, x.shape[0]
     latent = set(guide_trace.stochastic_nodes)

@@ -113,6 +113,23 @@ class DynamicModel(nn.Module):
         return {}
 
 
+def vectorized_trace(model, guide, x, y=None, num_samples: int = 1, condition: dict | None = None):
+    """``(model_trace, guide_trace)`` of ``num_samples`` guide draws at once: the guide runs in a
+    plate left of the model's plates and the model is replayed on it (what Pyro's ELBOs do per
+    particle). ``condition`` fixes latent sites (e.g. ordering masks) in both."""
+    from pyro import poutine
+
+    guide_fn, model_fn = guide, model
+    if condition:
+        guide_fn = poutine.condition(guide, data=condition)
+        model_fn = poutine.condition(model, data=condition)
+    draws_dim = -(getattr(model, "max_plate_nesting", 1) + 1)
+    with pyro.plate("_draws", num_samples, dim=draws_dim):
+        guide_trace = poutine.trace(guide_fn).get_trace(x, y)
+        model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)).get_trace(x, y)
+    return model_trace, guide_trace
+
+
 def data_plate(x: torch.Tensor, dataset_size: int | None):
     """The data plate, scaled by ``dataset_size / batch`` so a minibatch estimates the full ELBO."""
     batch = x.shape[0]

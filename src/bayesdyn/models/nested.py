@@ -24,7 +24,7 @@ from torch import nn
 from ..distributions import Downhill, OrderingDistribution, TruncatedGeometric
 from ..guides.nested import NestedGuide
 from ..nn.ordered import OrderedNet
-from .base import Budget, DynamicModel, PredictiveSamples, data_plate
+from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorized_trace
 
 NUM_WIDTHS = 16  # widths 1 - i/15, i = 0..15 (BNNN's evaluation grid)
 
@@ -178,6 +178,8 @@ class NestedNet(DynamicModel):
         and, for the marginal (``budget=None``), of the ordering masks from ``q(z)``, all in one
         vectorised pass. ``deterministic``: mean weights, a single pass."""
         samples = 1 if deterministic else num_samples
+        if not (isinstance(guide, NestedGuide) and guide.with_weights):
+            return self._pyro_predict(guide, x, budget, samples)
         if budget is None:
             masks = [guide.downhill(q).sample((samples,)) for q in guide.orderings()]
             logits = self.net(x, masks=masks, sample=not deterministic, num_samples=samples)
@@ -187,8 +189,31 @@ class NestedNet(DynamicModel):
                                   num_samples=samples)
         return PredictiveSamples.equal(torch.softmax(logits, -1))
 
+    def _pyro_predict(self, guide, x, budget, samples) -> PredictiveSamples:
+        """Any other guide (e.g. an ``AutoGuideList`` with ``AutoNormal`` weights): draws through
+        Pyro, the ordering masks fixed to the width for a budget."""
+        condition = None
+        if budget is not None:
+            condition = {f"order_{i}": (torch.arange(b.num_orderable, device=x.device) < k - b.frozen)
+                         .to(x.dtype) for i, (b, k) in enumerate(zip(self.net.blocks, budget.setting,
+                                                                    strict=True))}
+        with self.width_statistics(budget.setting if budget is not None else ()):
+            trace, _ = vectorized_trace(self, guide, x, None, samples, condition)
+        probs = trace.nodes["probs"]["value"]
+        return PredictiveSamples.equal(probs.reshape(-1, *probs.shape[-2:]))
+
+    @staticmethod
+    def ordering_guide(guide) -> NestedGuide:
+        """The ``NestedGuide`` in ``guide`` (itself, or a part of an ``AutoGuideList``)."""
+        parts = list(guide) if isinstance(guide, torch.nn.ModuleList) else [guide]
+        for part in parts:
+            if isinstance(part, NestedGuide):
+                return part
+        raise TypeError(f"{type(guide).__name__} holds no NestedGuide for the ordering")
+
     def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
         out = {}
+        guide = self.ordering_guide(guide)
         for i, (q, p) in enumerate(zip(guide.orderings(), self.prior_probs(), strict=True)):
             out[f"layer {i} groups"] = q.probs.detach()
             out[f"layer {i} groups prior"] = p
