@@ -82,8 +82,8 @@ def record(args, device, results):
              "| width | MFLOPs (BNNN / ND) | " + " | ".join(
                  f"{k} BNNN | {k} ND" for k in KEYS) + " |", "|---" * (2 + 2 * len(KEYS)) + "|"]
     for i, width in enumerate([*widths, "marginal"]):
-        row = lambda m: [r["marginal"] if width == "marginal" else r["budgets"][i]  # noqa: E731
-                         for r in results[m]]
+        def row(m, i=i, width=width):
+            return [r["marginal"] if width == "marginal" else r["budgets"][i] for r in results[m]]
         cells = []
         for k in KEYS:
             for m in METHODS:

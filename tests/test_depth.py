@@ -179,3 +179,45 @@ def test_swapping_in_pyros_discrete_guide_trains_through_traceenum(digits):
     assert q.shape == (3,) and abs(q.sum().item() - 1) < 1e-5
     pred = predict(model, guide, digits.test.tensors[0][:10])
     assert torch.allclose(pred.weights.float(), q.float(), atol=1e-5)
+
+
+def test_marginal_likelihood_variant_matches_pyro_and_bayes_rule(float64):
+    from pyro import poutine
+    from pyro.infer import Trace_ELBO
+
+    from bayesdyn.guides import EmptyGuide
+
+    model = DepthNet(residual_mlp(6, 4, width=8, depth=3), prior="decaying", num_classes=4,
+                     marginal=True)
+    guide = model.default_guide()
+    assert isinstance(guide, EmptyGuide)
+    model.eval()
+    x, y = torch.randn(12, 6), torch.randint(0, 4, (12,))
+    ref = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, x, y)  # -log p(D)
+    fast, _ = model.fast_loss(guide, x, y, len(x))
+    assert fast.item() == pytest.approx(ref.item(), rel=1e-9)
+    post = model.update_posterior(x, y)
+    for d in range(model.num_depths):  # p(d | D) = p(d) p(D | d) / p(D), each term from Pyro
+        joint = Trace_ELBO().differentiable_loss(poutine.condition(model, {"depth": torch.tensor(d)}),
+                                                 guide, x, y)  # -log p(d, D)
+        assert post[d].item() == pytest.approx(torch.exp(ref - joint).item(), rel=1e-6)
+    assert torch.allclose(predict(model, guide, x).weights, post)
+
+
+def test_bayesian_output_block_trains_and_predicts_with_weight_uncertainty(digits):
+    from bayesdyn.inference import fit
+
+    torch.manual_seed(0)
+    model = DepthNet(residual_mlp(64, 10, width=16, depth=2, input_shape=(1, 8, 8)),
+                     num_classes=10, input_shape=(1, 8, 8), output_prior_scale=1.0)
+    guide = model.default_guide()
+    history = fit(model, guide, digits, epochs=2, batch_size=128, lr=1e-2, device="cpu",
+                  progress=False)
+    assert history.objective == "pyro" and history.epochs[-1]["val_accuracy"] > 0.5
+    x = digits.test.tensors[0][:20]
+    pred = predict(model, guide, x, num_samples=16)
+    assert pred.probs.shape == (16, 20, 10) and (pred.epistemic > 0).all()
+    at_two = predict(model, guide, x, budget=model.budgets()[2], num_samples=4)
+    assert at_two.probs.shape == (4, 20, 10)
+    q = model.structure_posterior(guide)["depth"]
+    assert q.shape == (3,) and abs(q.sum().item() - 1) < 1e-5

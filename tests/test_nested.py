@@ -80,7 +80,8 @@ def test_width_slicing_computes_less_and_equals_masking():
     x = torch.randn(3, 1, 28, 28)
     keep = budgets[4].setting
     sliced = net(x, n_groups=keep, sample=False)
-    masks = [(torch.arange(b.num_orderable) < k - b.frozen).float() for b, k in zip(net.blocks, keep, strict=False)]
+    masks = [(torch.arange(b.num_orderable) < k - b.frozen).float()
+             for b, k in zip(net.blocks, keep, strict=True)]
     assert torch.allclose(sliced, net(x, masks=masks, sample=False), atol=1e-5)
 
 
@@ -115,7 +116,7 @@ def test_learned_ordering_and_width_calibration_on_digits(digits):
     before = [q.probs.detach() for q in NestedGuide(model).orderings()]
     after = [q.probs.detach() for q in guide.orderings()]
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(after, before, strict=False))  # q moved: learned
-    model.prepare_evaluation(digits.train.tensors[0], guide)
+    model.prepare_evaluation(digits.train, guide)
     assert len(model._width_stats) == 16
     assert set(model.structure_posterior(guide)) == {"layer 0 groups", "layer 0 groups prior",
                                                      "layer 1 groups", "layer 1 groups prior"}

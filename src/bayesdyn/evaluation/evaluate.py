@@ -31,7 +31,7 @@ def evaluate(model, guide, data, *, ood: str | None = "default", out=None, metho
     x_ood = load_ood(data, ood_name, root=data_root).tensors[0] if ood_name else None
     x_test, y_test = data.test.tensors
     run = lambda x, b: predict(model, guide, x, b, num_samples, batch_size)  # noqa: E731
-    model.prepare_evaluation(data.train.tensors[0][:2000], guide)
+    model.prepare_evaluation(data.train, guide)
     budgets = measure(model, data.input_shape, guide)
     rows, test_preds = [], []
     for b in budgets:

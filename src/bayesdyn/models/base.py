@@ -104,9 +104,11 @@ class DynamicModel(nn.Module):
         weighted samples ``[S, B, C]``."""
         raise NotImplementedError
 
-    def prepare_evaluation(self, x_train: torch.Tensor, guide=None) -> None:
-        """Called by ``evaluate`` before predicting at the budgets, with training inputs (e.g.
-        nested nets re-estimate BatchNorm statistics per width). Default: nothing."""
+    def prepare_evaluation(self, train, guide=None) -> None:
+        """Called by ``evaluate`` before predicting at the budgets, with the training split (a
+        ``TensorDataset`` of inputs and labels): nested nets re-estimate BatchNorm statistics per
+        width, a marginal-likelihood DepthNet computes its exact depth posterior. Default:
+        nothing."""
 
     def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
         """Posterior over the structure, e.g. ``{"depth": q(d) [D+1]}`` (may be empty)."""

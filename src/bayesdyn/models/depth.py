@@ -14,12 +14,15 @@ import copy
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoGuideList, AutoNormal
 from pyro.ops.indexing import Vindex
 from torch import nn
 
 from ..guides.depth import DepthGuide
+from ..guides.empty import EmptyGuide
 from ..nn.residual import DepthStack
-from .base import Budget, DynamicModel, PredictiveSamples, data_plate
+from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorized_trace
 
 VDS_DECAY = 0.85
 
@@ -56,13 +59,24 @@ class DepthNet(DynamicModel):
             ``sigma`` unless ``noise_scale`` is given).
         num_classes: number of classes (classification).
         input_shape: shape of one input, e.g. ``(1, 28, 28)``; inputs are checked against it.
+        marginal: the marginal-likelihood variant (DUN's MLL): ``d`` is enumerated in the model,
+            the guide is empty, the objective is ``log sum_d p(d) prod_n p(y_n | x_n, d)`` and the
+            posterior over depth is exact by Bayes' rule (``update_posterior``). Pyro accepts it
+            on full batches only (model-side enumeration of a global variable with a subsampled
+            plate is an error); the fast path's minibatch version scales the batch likelihood
+            by N/B inside the log-sum-exp (biased, as in the DUN code).
+        output_prior_scale: put a ``N(0, scale^2)`` prior on the shared output block's weights
+            (weight uncertainty on top of depth uncertainty). The default guide then pairs
+            ``DepthGuide`` with a mean-field ``AutoNormal`` for those weights, and training goes
+            through Pyro's ``TraceEnum_ELBO`` (no fast path for this combination yet).
     """
 
     reference_elbo = pyro.infer.TraceEnum_ELBO
 
     def __init__(self, backbone: DepthStack, prior="uniform", likelihood: str = "classification",
                  num_classes: int | None = None, noise_scale: float | None = None,
-                 input_shape: tuple[int, ...] | None = None):
+                 input_shape: tuple[int, ...] | None = None, marginal: bool = False,
+                 output_prior_scale: float | None = None):
         super().__init__()
         if not isinstance(backbone, DepthStack):
             raise TypeError("backbone must be a bayesdyn.nn.DepthStack (one output per depth)")
@@ -73,6 +87,12 @@ class DepthNet(DynamicModel):
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.num_classes = num_classes if likelihood == "classification" else None
         self.register_buffer("prior_probs", depth_prior(prior, backbone.max_depth + 1))
+        self.marginal = marginal
+        if output_prior_scale is not None and output_prior_scale <= 0:
+            raise ValueError(f"output_prior_scale must be positive, got {output_prior_scale}")
+        self.output_prior_scale = output_prior_scale
+        if marginal:  # exact posterior p(d | data), set by update_posterior; the prior until then
+            self.register_buffer("posterior_probs", self.prior_probs.clone())
         if likelihood == "regression":
             init = 1.0 if noise_scale is None else float(noise_scale)
             self.log_noise = nn.Parameter(torch.tensor(init).log(),
@@ -82,19 +102,43 @@ class DepthNet(DynamicModel):
     def num_depths(self) -> int:
         return self.backbone.max_depth + 1
 
-    def default_guide(self) -> DepthGuide:
-        return DepthGuide(self)
+    def default_guide(self):
+        if self.marginal:
+            return EmptyGuide(self)
+        if self.output_prior_scale is None:
+            return DepthGuide(self)
+        guide = AutoGuideList(self)
+        guide.append(DepthGuide(poutine.block(self, expose=["depth"]), self.num_depths))
+        guide.append(AutoNormal(poutine.block(self, hide=["depth"]), init_scale=1e-3))
+        return guide
 
     # --- Pyro model ---------------------------------------------------------------------------
     def model(self, x, y=None, dataset_size=None):
-        outputs = self.backbone(x)  # [D+1, B, C]: every depth in one pass
-        d = pyro.sample("depth", dist.Categorical(self.prior_probs))
+        outputs = self.backbone(x, output_params=self._output_weights())  # [(S,) D+1, B, C]
+        infer = {"enumerate": "parallel"} if self.marginal else {}
+        d = pyro.sample("depth", dist.Categorical(self.prior_probs), infer=infer)
         with data_plate(x, dataset_size):
-            f = Vindex(outputs)[d, torch.arange(x.shape[0], device=x.device)]
+            batch = torch.arange(x.shape[0], device=x.device)
+            if outputs.dim() == 4:  # one sampled output block per draw
+                draws = torch.arange(outputs.shape[0], device=x.device)[:, None]
+                f = Vindex(outputs)[draws, d.reshape(-1, 1), batch]
+            else:
+                f = Vindex(outputs)[d, batch]
             if self.likelihood == "classification":
                 pyro.deterministic("probs", torch.softmax(f, -1), event_dim=1)
                 return pyro.sample("y", dist.Categorical(logits=f), obs=y)
             return pyro.sample("y", dist.Normal(f.squeeze(-1), self.log_noise.exp()), obs=y)
+
+    def _output_weights(self) -> dict | None:
+        """Sampled output-block parameters (``output_prior_scale``), ``[(S,) ...]`` each."""
+        if self.output_prior_scale is None:
+            return None
+        params = {}
+        for name, p in self.backbone.output_block.named_parameters():
+            prior = dist.Normal(torch.zeros_like(p), self.output_prior_scale).to_event(p.dim())
+            w = pyro.sample(f"output.{name}", prior)
+            params[name] = w.reshape(-1, *p.shape) if w.dim() > p.dim() else w
+        return params
 
     # --- fast path ----------------------------------------------------------------------------
     def log_likelihoods(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -105,6 +149,12 @@ class DepthNet(DynamicModel):
         return dist.Normal(outputs.squeeze(-1), self.log_noise.exp()).log_prob(y)
 
     def fast_loss(self, guide, x, y, dataset_size):
+        if self.output_prior_scale is not None:
+            return NotImplemented
+        if self.marginal and type(guide) is EmptyGuide:
+            loglik = self.log_likelihoods(self.backbone(x), y).sum(-1) * (dataset_size / x.shape[0])
+            log_marginal = torch.logsumexp(self.prior_probs.log() + loglik, 0)
+            return -log_marginal, {"nll": -log_marginal}
         if type(guide) is not DepthGuide:
             return NotImplemented
         log_q = guide.log_probs()
@@ -130,6 +180,8 @@ class DepthNet(DynamicModel):
         ``depth`` site is a categorical (e.g. Pyro's ``AutoDiscreteParallel``) by tracing it."""
         if isinstance(guide, DepthGuide):
             return guide.probs()
+        if self.marginal:
+            return self.posterior_probs
         if x is None:
             if self.input_shape is None:
                 raise ValueError("pass x (or build the model with input_shape) to read q(d) "
@@ -145,6 +197,11 @@ class DepthNet(DynamicModel):
         """Exact: per-depth probabilities weighted by ``q(d)`` (marginal) or one depth."""
         if self.likelihood != "classification":
             raise NotImplementedError("use predict_regression for a regression DepthNet")
+        if self.output_prior_scale is not None:  # weight draws through Pyro, depth from q or fixed
+            condition = None if budget is None else {"depth": torch.tensor(budget.setting)}
+            trace, _ = vectorized_trace(self, guide, x, None, num_samples, condition)
+            probs = trace.nodes["probs"]["value"]
+            return PredictiveSamples.equal(probs.reshape(-1, *probs.shape[-2:]))
         if budget is None:
             return PredictiveSamples(torch.softmax(self.backbone(x), -1),
                                      self.depth_weights(guide, x))
@@ -158,6 +215,24 @@ class DepthNet(DynamicModel):
         mean = (q * mu).sum(0)
         var = self.log_noise.exp() ** 2 + (q * mu**2).sum(0) - mean**2
         return mean, var
+
+    @torch.no_grad()
+    def update_posterior(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+        """Exact ``p(d | x, y) ∝ p(d) prod_n p(y_n | x_n, d)`` over the given (training) data,
+        stored for prediction (marginal-likelihood variant)."""
+        if not self.marginal:
+            raise ValueError("update_posterior is for DepthNet(marginal=True)")
+        was_training = self.training
+        self.eval()
+        loglik = sum(self.log_likelihoods(self.backbone(xb), yb).sum(-1)
+                     for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True))
+        self.train(was_training)
+        self.posterior_probs.copy_(torch.softmax(self.prior_probs.log() + loglik, 0))
+        return self.posterior_probs
+
+    def prepare_evaluation(self, train, guide=None) -> None:
+        if self.marginal and isinstance(guide, EmptyGuide):
+            self.update_posterior(*train.tensors)
 
     def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
         return {"depth": self.depth_weights(guide).detach(), "depth prior": self.prior_probs}

@@ -221,9 +221,12 @@ class NestedNet(DynamicModel):
 
     # --- BatchNorm statistics per width -------------------------------------------------------
     @torch.no_grad()
-    def prepare_evaluation(self, x_train: torch.Tensor, guide=None, batch_size: int = 500) -> None:
-        """Re-estimate BatchNorm statistics at every width on training inputs (as slimmable
-        networks do): the running statistics from training mix all mask states."""
+    def prepare_evaluation(self, train, guide=None, batch_size: int = 500,
+                           max_examples: int = 2000) -> None:
+        """Re-estimate BatchNorm statistics at every width on (up to ``max_examples``) training
+        inputs, as slimmable networks do: the running statistics from training mix all mask
+        states."""
+        x_train = train.tensors[0][:max_examples]
         self._width_stats = {}
         was_training = self.training
         trained = [(b.bn.running_mean.clone(), b.bn.running_var.clone()) for b in self.net.blocks]

@@ -52,19 +52,40 @@ class DepthStack(nn.Module):
     def max_depth(self) -> int:
         return len(self.blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Outputs of every depth, ``[D + 1, *lead, B, out]`` for ``x`` of shape ``[*lead, B, ...]``."""
+    def forward(self, x: torch.Tensor, output_params: dict | None = None) -> torch.Tensor:
+        """Outputs of every depth, ``[D + 1, *lead, B, out]`` for ``x`` of shape ``[*lead, B, ...]``.
+
+        ``output_params``: parameters for the shared output block instead of its own (sampled
+        weights); with a leading sample dim ``[S, ...]`` the result is ``[S, D + 1, B, out]``."""
+        if output_params is not None:
+            return self._forward_with_output_params(x, output_params)
         lead = x.shape[: x.ndim - self.input_ndim]
-        h = self.input_block(x.reshape(-1, *x.shape[len(lead):]))
+        stacked = self.features(x.reshape(-1, *x.shape[len(lead):]))  # [D+1, B', ...]
+        out = self.output_block(stacked.flatten(0, 1)).unflatten(0, stacked.shape[:2])
+        return out.reshape(stacked.shape[0], *lead, out.shape[-1])
+
+    def _forward_with_output_params(self, x, params):
+        from torch.func import functional_call, vmap
+
+        feats = self.features(x)  # [D+1, B, ...]
+        flat = feats.flatten(0, 1)
+        apply = lambda p: functional_call(self.output_block, p, (flat,))  # noqa: E731
+        name, ref = next(iter(params.items()))
+        if ref.dim() > dict(self.output_block.named_parameters())[name].dim():  # sample dim
+            out = vmap(apply)(params)
+            return out.unflatten(1, feats.shape[:2])
+        return apply(params).unflatten(0, feats.shape[:2])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The output block's inputs for every depth, ``[D + 1, B, ...]`` (x is ``[B, ...]``)."""
+        h = self.input_block(x)
         acts = [h]
         for block in self.blocks:
             h = block(h)
             acts.append(h)
         if self.adapters is not None:
             acts = [adapt(a) for adapt, a in zip(self.adapters, acts, strict=True)]
-        stacked = torch.stack(acts)  # [D+1, B', ...]
-        out = self.output_block(stacked.flatten(0, 1)).unflatten(0, stacked.shape[:2])
-        return out.reshape(len(acts), *lead, out.shape[-1])
+        return torch.stack(acts)
 
     def truncated(self, depth: int) -> nn.Sequential:
         """The plain network of depth ``depth`` (shares weights with this stack)."""
