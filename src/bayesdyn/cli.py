@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
                         download=args.download, epochs=args.epochs, batch_size=args.batch_size,
                         lr=args.lr, device=args.device, seed=args.seed, resume=args.resume,
                         ood=None if args.ood == "none" else args.ood,
-                        progress=not args.no_progress and None)
+                        progress=False if args.no_progress else None)
     print(format_table([metrics]))
     print(f"run directory: {out}")
     return 0

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..validation import check_inputs, resolve_device
 from .checkpoint import CHECKPOINT, atomic_save, load_checkpoint, rng_state, set_rng_state
-from .predict import predict
+from .predict import _EvalMode, predict
 
 
 class TrainingDivergedError(RuntimeError):
@@ -112,15 +112,16 @@ class Trainer:
     # --- set-up -------------------------------------------------------------------------------
     def _objective(self):
         x, y = (t[: min(2, self.n)] for t in self.data.train.tensors)
-        with torch.no_grad():  # lazy autoguides create their parameters on the first call
-            self.guide(x, y, dataset_size=self.n)
-        if self.config.objective != "pyro":
-            probe = self.model.fast_loss(self.guide, x, y, self.n)
-            if probe is not NotImplemented:
-                return lambda xb, yb: self.model.fast_loss(self.guide, xb, yb, self.n), "fast"
-            if self.config.objective == "fast":
-                raise ValueError(f"{type(self.model).__name__} has no fast path for "
-                                 f"{type(self.guide).__name__}; use objective='pyro' or 'auto'")
+        # eval mode: the probes must not touch BatchNorm statistics
+        with torch.no_grad(), _EvalMode(self.model, self.guide):
+            self.guide(x, y, dataset_size=self.n)  # lazy autoguides create their parameters
+            probe = NotImplemented if self.config.objective == "pyro" else \
+                self.model.fast_loss(self.guide, x, y, self.n)
+        if probe is not NotImplemented:
+            return lambda xb, yb: self.model.fast_loss(self.guide, xb, yb, self.n), "fast"
+        if self.config.objective == "fast":
+            raise ValueError(f"{type(self.model).__name__} has no fast path for "
+                             f"{type(self.guide).__name__}; use objective='pyro' or 'auto'")
         elbo = self.model.reference_loss()(self.model, self.guide)
         return lambda xb, yb: (elbo(xb, yb, dataset_size=self.n), {}), "pyro"
 
