@@ -42,6 +42,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--kl-weight", type=float, default=1.0,
+                   help="BNNN's KL weight (1: the ELBO; the official code's is ~1e-5 N / fan_in)")
+    p.add_argument("--prior-scale", type=float, default=1.0, help="BNNN's Gaussian weight prior")
     args = p.parse_args()
     device = resolve_device(args.device)
     data = load(args.dataset).to(device)
@@ -51,6 +54,7 @@ def main():
             torch.manual_seed(seed)
             model, guide = build(Recipe(method, arch=args.arch, width=args.width),
                                  data.input_shape, data.num_classes)
+            model.kl_weight, model.prior_scale = args.kl_weight, args.prior_scale
             fit(model, guide, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 schedule="cosine", device=device, seed=seed, progress=False)
             metrics = evaluate(model, guide, data, method=method, seed=seed)
@@ -77,7 +81,8 @@ def record(args, device, results):
              f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
              f"- ordered {args.arch}, width {args.width}, 16 groups (1 frozen), keep_prob 0.95, "
              f"Downhill temperature 2; Adam lr {args.lr} cosine, batch {args.batch_size}, "
-             f"{args.epochs} epochs, {args.seeds} seeds; 8 MC samples; OOD = "
+             f"{args.epochs} epochs, {args.seeds} seeds; BNNN KL weight {args.kl_weight}, prior "
+             f"N(0, {args.prior_scale}^2); 8 MC samples; OOD = "
              f"{DEFAULT_OOD.get(args.dataset)}", "",
              "| width | MFLOPs (BNNN / ND) | " + " | ".join(
                  f"{k} BNNN | {k} ND" for k in KEYS) + " |", "|---" * (2 + 2 * len(KEYS)) + "|"]
