@@ -72,7 +72,7 @@ def mean_std(values):
 def record(args, device, results):
     out = Path(__file__).with_name("results")
     out.mkdir(exist_ok=True)
-    (out / f"repro_nested_{args.dataset}.json").write_text(json.dumps(
+    (out / f"repro_nested_{args.dataset}_kl{args.kl_weight:g}.json").write_text(json.dumps(
         {"args": vars(args), "results": results}, indent=1))
     widths = [b["budget"] for b in results[METHODS[0]][0]["budgets"]]
     lines = [f"### nested reproduction: BNNN vs nested dropout, {args.dataset}", "",
