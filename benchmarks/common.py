@@ -55,15 +55,34 @@ def peak_memory(fn, device) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
+def mean_std(values) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def header(title: str, device) -> list[str]:
+    """A section's first lines: title, command, device, date."""
+    return [f"### {title}", "",
+            f"- command: `python {' '.join(sys.argv)}`",
+            f"- device: {device_name(device)}; torch {torch.__version__}",
+            f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"]
+
+
+def append_results(lines: list[str]) -> str:
+    """Print a Markdown section and append it to RESULTS.md (unless --no-record)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if "--no-record" not in sys.argv:
+        with RESULTS.open("a") as fh:
+            fh.write("\n" + text)
+    return text
+
+
 def report(title: str, rows: list[tuple[str, float, int | None]], baseline: str, device,
            checks: list[tuple[str, float, float]], notes: str = "") -> str:
     """Print and append a Markdown section: ms per step, ratio to ``baseline``, peak memory, and
     target checks ``(description, measured ratio, limit)``."""
     base = dict((n, t) for n, t, _ in rows)[baseline]
-    lines = [f"### {title}", "",
-             f"- command: `python {' '.join(sys.argv)}`",
-             f"- device: {device_name(device)}; torch {torch.__version__}",
-             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC", "",
+    lines = [*header(title, device), "",
              "| variant | ms / step | ratio to baseline | peak GPU MiB |", "|---|---|---|---|"]
     for name, t, mem in rows:
         mib = "-" if mem is None else f"{mem / 2**20:.0f}"
@@ -73,9 +92,4 @@ def report(title: str, rows: list[tuple[str, float, int | None]], baseline: str,
         lines.append(f"| {text} | {value:.3f} | {limit} | {'yes' if value <= limit else 'NO'} |")
     if notes:
         lines += ["", notes]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if "--no-record" not in sys.argv:
-        with RESULTS.open("a") as fh:
-            fh.write("\n" + text)
-    return text
+    return append_results(lines)

@@ -12,15 +12,13 @@ ResNet-50 on Fashion-MNIST): equal error, better NLL and calibration.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, device_name
+from common import append_results, header, mean_std
 
 from bayesdyn.data import DEFAULT_OOD, load
 from bayesdyn.evaluation import evaluate, measure
@@ -89,6 +87,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
     device = resolve_device(args.device)
     data = load(args.dataset).to(device)
@@ -104,20 +103,12 @@ def main():
     record(args, device, rows, prunes, seconds)
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def record(args, device, rows, prunes, seconds):
-    out = Path(__file__).with_name("results")
-    out.mkdir(exist_ok=True)
-    (out / f"repro_depth_{args.dataset}.json").write_text(
-        json.dumps({"args": vars(args), "rows": rows, "pruning": prunes, "seconds": seconds},
-                   indent=1))
-    lines = [f"### depth reproduction: DUN vs deterministic, {args.dataset}", "",
-             f"- command: `python {' '.join(sys.argv)}`",
-             f"- device: {device_name(device)}; torch {torch.__version__}",
-             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+    if not args.no_record:  # raw numbers beside RESULTS.md
+        out = Path(__file__).with_name("results")
+        out.mkdir(exist_ok=True)
+        (out / f"repro_depth_{args.dataset}.json").write_text(json.dumps({"args": vars(args), "rows": rows, "pruning": prunes, "seconds": seconds}, indent=1))
+    lines = [*header(f"depth reproduction: DUN vs deterministic, {args.dataset}", device),
              f"- backbone: {args.arch} (depth {args.depth}, width {args.width}), Adam lr "
              f"{args.lr} cosine, batch {args.batch_size}, {args.epochs} epochs, q warm-up "
              f"{args.warmup} epoch(s), {args.seeds} seeds; OOD = {DEFAULT_OOD.get(args.dataset)}",
@@ -131,10 +122,7 @@ def record(args, device, rows, prunes, seconds):
         lines.append(f"| {seed} | {pr['depth']} -> {pr['pruned_depth']} | {pr['params']} -> "
                      f"{pr['pruned_params']} | {pr['flops']} -> {pr['pruned_flops']} | "
                      f"{pr['accuracy']:.4f} -> {pr['pruned_accuracy']:.4f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with RESULTS.open("a") as fh:
-        fh.write("\n" + text)
+    append_results(lines)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,11 @@ width, accuracy at least as good, a learned decay of accuracy with width.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import statistics
-import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, device_name
+from common import append_results, header, mean_std
 
 from bayesdyn.data import DEFAULT_OOD, load
 from bayesdyn.evaluation import evaluate
@@ -42,6 +39,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     p.add_argument("--kl-weight", type=float, default=1.0,
                    help="BNNN's KL weight (1: the ELBO; the official code's is ~1e-5 N / fan_in)")
     p.add_argument("--prior-scale", type=float, default=1.0, help="BNNN's Gaussian weight prior")
@@ -65,20 +63,13 @@ def main():
     record(args, device, results)
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def record(args, device, results):
-    out = Path(__file__).with_name("results")
-    out.mkdir(exist_ok=True)
-    (out / f"repro_nested_{args.dataset}_kl{args.kl_weight:g}.json").write_text(json.dumps(
-        {"args": vars(args), "results": results}, indent=1))
+    if not args.no_record:  # raw numbers beside RESULTS.md
+        out = Path(__file__).with_name("results")
+        out.mkdir(exist_ok=True)
+        (out / f"repro_nested_{args.dataset}_kl{args.kl_weight:g}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     widths = [b["budget"] for b in results[METHODS[0]][0]["budgets"]]
-    lines = [f"### nested reproduction: BNNN vs nested dropout, {args.dataset}", "",
-             f"- command: `python {' '.join(sys.argv)}`",
-             f"- device: {device_name(device)}; torch {torch.__version__}",
-             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+    lines = [*header(f"nested reproduction: BNNN vs nested dropout, {args.dataset}", device),
              f"- ordered {args.arch}, width {args.width}, 16 groups (1 frozen), keep_prob 0.95, "
              f"Downhill temperature 2; Adam lr {args.lr} cosine, batch {args.batch_size}, "
              f"{args.epochs} epochs, {args.seeds} seeds; BNNN KL weight {args.kl_weight}, prior "
@@ -96,10 +87,7 @@ def record(args, device, results):
                 cells.append(f"{mu:.4f} ± {sd:.4f}")
         flops = " / ".join(f"{row(m)[0]['flops'] / 1e6:.2f}" for m in METHODS)
         lines.append(f"| {width} | {flops} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with RESULTS.open("a") as fh:
-        fh.write("\n" + text)
+    append_results(lines)
 
 
 if __name__ == "__main__":
