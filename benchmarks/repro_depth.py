@@ -107,7 +107,8 @@ def record(args, device, rows, prunes, seconds):
     if not args.no_record:  # raw numbers beside RESULTS.md
         out = Path(__file__).with_name("results")
         out.mkdir(exist_ok=True)
-        (out / f"repro_depth_{args.dataset}.json").write_text(json.dumps({"args": vars(args), "rows": rows, "pruning": prunes, "seconds": seconds}, indent=1))
+        payload = {"args": vars(args), "rows": rows, "pruning": prunes, "seconds": seconds}
+        (out / f"repro_depth_{args.dataset}.json").write_text(json.dumps(payload, indent=1))
     lines = [*header(f"depth reproduction: DUN vs deterministic, {args.dataset}", device),
              f"- backbone: {args.arch} (depth {args.depth}, width {args.width}), Adam lr "
              f"{args.lr} cosine, batch {args.batch_size}, {args.epochs} epochs, q warm-up "
