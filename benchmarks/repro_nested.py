@@ -68,7 +68,8 @@ def record(args, device, results):
         out = Path(__file__).with_name("results")
         out.mkdir(exist_ok=True)
         payload = {"args": vars(args), "results": results}
-        (out / f"repro_nested_{args.dataset}_kl{args.kl_weight:g}.json").write_text(json.dumps(payload, indent=1))
+        name = f"repro_nested_{args.dataset}_kl{args.kl_weight:g}.json"
+        (out / name).write_text(json.dumps(payload, indent=1))
     widths = [b["budget"] for b in results[METHODS[0]][0]["budgets"]]
     lines = [*header(f"nested reproduction: BNNN vs nested dropout, {args.dataset}", device),
              f"- ordered {args.arch}, width {args.width}, 16 groups (1 frozen), keep_prob 0.95, "
