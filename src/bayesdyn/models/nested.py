@@ -14,6 +14,8 @@ computes exactly, together with the exact categorical ``KL(q(z) || p(z))``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -220,53 +222,50 @@ class NestedNet(DynamicModel):
         return out
 
     # --- BatchNorm statistics per width -------------------------------------------------------
+    def _bn_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(b.bn.running_mean.clone(), b.bn.running_var.clone()) for b in self.net.blocks]
+
+    def _load_bn_stats(self, stats) -> None:
+        for block, (mean, var) in zip(self.net.blocks, stats, strict=True):
+            block.bn.running_mean.copy_(mean)
+            block.bn.running_var.copy_(var)
+
     @torch.no_grad()
     def prepare_evaluation(self, train, guide=None, batch_size: int = 500,
                            max_examples: int = 2000) -> None:
         """Re-estimate BatchNorm statistics at every width on (up to ``max_examples``) training
         inputs, as slimmable networks do: the running statistics from training mix all mask
-        states."""
+        states. Training's statistics stay in place for the marginal (random masks)."""
         x_train = train.tensors[0][:max_examples]
+        was_training, trained = self.training, self._bn_stats()
+        momenta = [b.bn.momentum for b in self.net.blocks]
         self._width_stats = {}
-        was_training = self.training
-        trained = [(b.bn.running_mean.clone(), b.bn.running_var.clone()) for b in self.net.blocks]
+        self.train()
         for budget in self.budgets():
             for block in self.net.blocks:
                 block.bn.reset_running_stats()
                 block.bn.momentum = None  # cumulative average over the calibration batches
-            self.train()
             for xb in x_train.split(batch_size):
                 self.net(xb, n_groups=budget.setting, sample=self.net.bayesian)
-            self._width_stats[budget.setting] = [
-                (b.bn.running_mean.clone(), b.bn.running_var.clone()) for b in self.net.blocks]
-        for block, (mean, var) in zip(self.net.blocks, trained, strict=True):
-            block.bn.running_mean.copy_(mean)  # the marginal (random masks) keeps training's
-            block.bn.running_var.copy_(var)
-            block.bn.momentum = 0.1
+            self._width_stats[budget.setting] = self._bn_stats()
+        self._load_bn_stats(trained)
+        for block, momentum in zip(self.net.blocks, momenta, strict=True):
+            block.bn.momentum = momentum
         self.train(was_training)
 
+    @contextmanager
     def width_statistics(self, setting):
-        return _SwapStats(self, getattr(self, "_width_stats", {}).get(tuple(setting)))
-
-
-class _SwapStats:
-    def __init__(self, model, stats):
-        self.model, self.stats = model, stats
-
-    def __enter__(self):
-        if self.stats is None:
+        """BatchNorm statistics of width ``setting`` in place while inside (if calibrated)."""
+        stats = getattr(self, "_width_stats", {}).get(tuple(setting))
+        if stats is None:
+            yield
             return
-        self.saved = [(b.bn.running_mean.clone(), b.bn.running_var.clone()) for b in self.model.net.blocks]
-        for b, (m, v) in zip(self.model.net.blocks, self.stats, strict=True):
-            b.bn.running_mean.copy_(m)
-            b.bn.running_var.copy_(v)
-
-    def __exit__(self, *exc):
-        if self.stats is None:
-            return
-        for b, (m, v) in zip(self.model.net.blocks, self.saved, strict=True):
-            b.bn.running_mean.copy_(m)
-            b.bn.running_var.copy_(v)
+        saved = self._bn_stats()
+        self._load_bn_stats(stats)
+        try:
+            yield
+        finally:
+            self._load_bn_stats(saved)
 
 
 class _WidthForward(nn.Module):
