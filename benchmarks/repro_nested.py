@@ -21,6 +21,7 @@ import torch
 from common import append_results, header, mean_std
 
 from bayesdyn.data import DEFAULT_OOD, load
+from bayesdyn.distributions import weight_prior
 from bayesdyn.evaluation import evaluate
 from bayesdyn.inference import fit, resolve_device
 from bayesdyn.recipes import Recipe, build
@@ -43,6 +44,9 @@ def main():
     p.add_argument("--kl-weight", type=float, default=1.0,
                    help="BNNN's KL weight (1: the ELBO; the official code's is ~1e-5 N / fan_in)")
     p.add_argument("--prior-scale", type=float, default=1.0, help="BNNN's Gaussian weight prior")
+    p.add_argument("--weight-prior", default="gaussian", choices=("gaussian", "log-uniform", "ard"))
+    p.add_argument("--gumbel-logits", default="log_probs", choices=("log_probs", "probs"),
+                   help="probs: the official code's bug of feeding q as Gumbel-softmax logits")
     args = p.parse_args()
     device = resolve_device(args.device)
     data = load(args.dataset).to(device)
@@ -50,9 +54,10 @@ def main():
     for seed in range(args.seeds):
         for method in METHODS:
             torch.manual_seed(seed)
-            model, guide = build(Recipe(method, arch=args.arch, width=args.width),
-                                 data.input_shape, data.num_classes)
-            model.kl_weight, model.prior_scale = args.kl_weight, args.prior_scale
+            recipe = Recipe(method, arch=args.arch, width=args.width, kl_weight=args.kl_weight,
+                            weight_prior=args.weight_prior, prior_scale=args.prior_scale,
+                            gumbel_logits=args.gumbel_logits)
+            model, guide = build(recipe, data.input_shape, data.num_classes)
             fit(model, guide, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 schedule="cosine", device=device, seed=seed, progress=False)
             metrics = evaluate(model, guide, data, method=method, seed=seed)
@@ -68,14 +73,16 @@ def record(args, device, results):
         out = Path(__file__).with_name("results")
         out.mkdir(exist_ok=True)
         payload = {"args": vars(args), "results": results}
-        name = f"repro_nested_{args.dataset}_kl{args.kl_weight:g}.json"
+        name = f"repro_nested_{args.dataset}_{args.arch}_kl{args.kl_weight:g}_{args.weight_prior}"
+        name += "_probs-as-logits.json" if args.gumbel_logits == "probs" else ".json"
         (out / name).write_text(json.dumps(payload, indent=1))
     widths = [b["budget"] for b in results[METHODS[0]][0]["budgets"]]
     lines = [*header(f"nested reproduction: BNNN vs nested dropout, {args.dataset}", device),
              f"- ordered {args.arch}, width {args.width}, 16 groups (1 frozen), keep_prob 0.95, "
              f"Downhill temperature 2; Adam lr {args.lr} cosine, batch {args.batch_size}, "
-             f"{args.epochs} epochs, {args.seeds} seeds; BNNN KL weight {args.kl_weight}, prior "
-             f"N(0, {args.prior_scale}^2); 8 MC samples; OOD = "
+             f"{args.epochs} epochs, {args.seeds} seeds; BNNN KL weight {args.kl_weight}, weight "
+             f"prior {weight_prior(args.weight_prior, args.prior_scale)}, Gumbel logits = "
+             f"{args.gumbel_logits}; 8 MC samples; OOD = "
              f"{DEFAULT_OOD.get(args.dataset)}", "",
              "| width | MFLOPs (BNNN / ND) | " + " | ".join(
                  f"{k} BNNN | {k} ND" for k in KEYS) + " |", "|---" * (2 + 2 * len(KEYS)) + "|"]

@@ -58,6 +58,10 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--width", type=int, default=64, help="hidden units / channels")
     train.add_argument("--prior", default="uniform", choices=("uniform", "decaying"),
                        help="depth prior of the depth method")
+    train.add_argument("--keep-prob", type=float, default=0.95,
+                       help="nested: keep probability of the truncated-geometric ordering prior")
+    train.add_argument("--weight-prior", default="gaussian", choices=("gaussian", "log-uniform", "ard"),
+                       help="nested: prior over the weights (log-uniform: BNNN's sparsity prior)")
     train.add_argument("--ood", default="default",
                        help="OOD set for evaluation ('default' per dataset, 'none' to skip)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -86,7 +90,8 @@ def cmd_train(args) -> int:
 
     out = Path(args.out or f"runs/{args.method}-{args.dataset}-s{args.seed}")
     recipe = recipes.Recipe(args.method, arch=args.arch, depth=args.depth, width=args.width,
-                            prior=args.prior)
+                            prior=args.prior, keep_prob=args.keep_prob,
+                            weight_prior=args.weight_prior)
     metrics = train_run(recipe, dataset=args.dataset, out=out, data_root=args.data_root,
                         download=args.download, epochs=args.epochs, batch_size=args.batch_size,
                         lr=args.lr, device=args.device, seed=args.seed, resume=args.resume,

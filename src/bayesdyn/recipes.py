@@ -22,6 +22,10 @@ class Recipe:
     width: int = 64  # hidden units / channels (nested: units of the widest ordered layer)
     prior: str = "uniform"  # depth prior: uniform | decaying
     keep_prob: float = 0.95  # nested: keep probability of the truncated-geometric prior
+    weight_prior: str = "gaussian"  # nested: gaussian | log-uniform | ard
+    prior_scale: float = 1.0  # nested: scale of the Gaussian weight prior
+    kl_weight: float = 1.0  # nested: multiplies the KL terms (1: the ELBO)
+    gumbel_logits: str = "log_probs"  # nested: "probs" reproduces the official code's bug
 
     def __post_init__(self):
         if self.method in PLANNED:
@@ -66,8 +70,11 @@ def build(recipe: Recipe, input_shape, num_classes: int):
     """``(model, guide)`` for ``recipe`` on inputs of ``input_shape``."""
     if recipe.method in ("nested", "nested-dropout"):
         net = nested_backbone(recipe, input_shape, num_classes)
-        model = NestedNet(net, num_classes, keep_prob=recipe.keep_prob, input_shape=input_shape)
-        return model, NestedGuide(model, learn_ordering=recipe.method == "nested")
+        model = NestedNet(net, num_classes, keep_prob=recipe.keep_prob, input_shape=input_shape,
+                          weight_prior=recipe.weight_prior, prior_scale=recipe.prior_scale,
+                          kl_weight=recipe.kl_weight)
+        return model, NestedGuide(model, learn_ordering=recipe.method == "nested",
+                                  gumbel_logits=recipe.gumbel_logits)
     stack = backbone(recipe, input_shape, num_classes)
     if recipe.method == "deterministic":  # the same backbone at full depth, plain cross-entropy
         model = DeterministicNet(stack.truncated(stack.max_depth), num_classes, input_shape)

@@ -4,7 +4,7 @@ Per ordered layer ``l`` an ordering mask ``z_l`` (a Downhill sample) switches un
 from the back; weights are Gaussian. The model:
 
     z_l ~ Downhill(TruncatedGeometric(keep_prob, K))        (hard, straight-through)
-    W_{l,g} ~ N(0, prior_scale^2)                            counted only while group g is on
+    W_{l,g} ~ weight prior (Gaussian, log-uniform or ARD)     counted only while group g is on
     y_n ~ Categorical(logits = f(x_n; W, z))
 
 With the guide's weights equal to the prior on switched-off groups, the expected KL of the
@@ -24,6 +24,8 @@ from pyro import poutine
 from torch import nn
 
 from ..distributions import Downhill, OrderingDistribution, TruncatedGeometric
+from ..distributions import weight_prior as _weight_prior
+from ..distributions.weight_priors import log_alpha
 from ..guides.nested import NestedGuide
 from ..nn.ordered import OrderedNet
 from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorized_trace
@@ -41,6 +43,10 @@ class NestedNet(DynamicModel):
         keep_prob: ``π`` of the truncated-geometric ordering prior (BNNN: 0.95).
         ordering_prior: any ``OrderingDistribution`` over ``{0..K}`` instead (one for all layers
             or a list, one per layer).
+        weight_prior: ``"gaussian"`` (``N(0, prior_scale^2)``), ``"log-uniform"`` (the
+            improper sparsity prior of variational dropout, as in BNNN), ``"ard"`` (Gaussian with
+            per-weight variance at its empirical-Bayes optimum) or any
+            ``bayesdyn.distributions.WeightPrior``.
         prior_scale: standard deviation of the Gaussian weight prior.
         temperature: Downhill temperature (BNNN: 2.0, fixed).
         kl_weight: multiplies every KL term (1.0: the ELBO; the BNNN code's effective weight is
@@ -52,7 +58,8 @@ class NestedNet(DynamicModel):
 
     def __init__(self, net: OrderedNet, num_classes: int, keep_prob: float = 0.95,
                  ordering_prior=None, prior_scale: float = 1.0, temperature: float = 2.0,
-                 kl_weight: float = 1.0, kl_weighting: str = "survival", input_shape=None):
+                 kl_weight: float = 1.0, kl_weighting: str = "survival", input_shape=None,
+                 weight_prior: str = "gaussian"):
         super().__init__()
         if not isinstance(net, OrderedNet):
             raise TypeError("net must be a bayesdyn.nn.OrderedNet (nested_mlp / nested_convnet)")
@@ -65,6 +72,7 @@ class NestedNet(DynamicModel):
         self.net, self.num_classes = net, num_classes
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.prior_scale, self.temperature = prior_scale, temperature
+        self.weight_prior = _weight_prior(weight_prior, prior_scale)
         self.kl_weight, self.kl_weighting = kl_weight, kl_weighting
         self.prior_keep_logit = float(torch.logit(torch.tensor(keep_prob)))
         sizes = [b.num_orderable for b in net.blocks]
@@ -119,8 +127,9 @@ class NestedNet(DynamicModel):
                 masks.append(self.squeeze_mask(m))
             if self.net.bayesian:
                 for name, layer, groups, active in self.weight_groups(masks):
-                    shape = self.grouped(layer.weight_mu, groups).shape
-                    prior = dist.Normal(torch.zeros(shape, device=x.device), self.prior_scale)
+                    mu = self.grouped(layer.weight_mu, groups)
+                    shape = mu.shape
+                    prior = self.weight_prior.site(mu, self.grouped(layer.weight_sigma(), groups))
                     with self.group_plate(name, groups), poutine.mask(mask=active):
                         w = pyro.sample(name, prior.to_event(len(shape) - 1))
                     w = w.reshape(*w.shape[:-len(shape)], -1, *shape[2:])  # [(S,) out, ...]
@@ -141,12 +150,12 @@ class NestedNet(DynamicModel):
             if guide.learn_ordering:
                 kl_z = kl_z + (q.probs * (q.probs.log() - p_probs.log())).sum()
             if self.net.bayesian:
-                per_group = block.layer.kl_per_unit(self.prior_scale).reshape(block.groups, -1).sum(-1)
+                per_group = block.layer.kl_per_unit(self.weight_prior).reshape(block.groups, -1).sum(-1)
                 survival = torch.cat([torch.ones(block.frozen, device=zero.device),
                                       q.survival()[1:]]) if self.kl_weighting == "survival" else 1.0
                 kl_w = kl_w + (survival * per_group).sum()
         if self.net.bayesian:
-            kl_w = kl_w + self.net.head.kl_per_unit(self.prior_scale).sum()
+            kl_w = kl_w + self.net.head.kl_per_unit(self.weight_prior).sum()
         return {"kl_order": kl_z, "kl_weights": kl_w}
 
     def fast_loss(self, guide, x, y, dataset_size):
@@ -220,6 +229,15 @@ class NestedNet(DynamicModel):
             out[f"layer {i} groups"] = q.probs.detach()
             out[f"layer {i} groups prior"] = p
         return out
+
+    @torch.no_grad()
+    def weight_sparsity(self, threshold: float = 3.0) -> dict[str, float]:
+        """Per Bayesian layer, the fraction of weights with ``log alpha = log(sigma^2 / mu^2)``
+        above ``threshold``: weights that carry mostly noise (a sparsity prior's doing; BNNN's
+        code zeroes them at ``log alpha >= 3``)."""
+        return {name: float((log_alpha(layer.weight_mu, layer.weight_sigma()) > threshold)
+                            .float().mean()) for name, layer in self.net.bayes_layers().items()
+                if layer.bayesian}
 
     # --- BatchNorm statistics per width -------------------------------------------------------
     def _bn_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -67,14 +67,12 @@ class BayesLayer(nn.Module):
             mean = mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
         return mean.reshape(*x.shape[:2], *mean.shape[1:])
 
-    def kl_per_unit(self, prior_scale: float) -> torch.Tensor:
-        """``KL(q(w) || N(0, prior_scale^2))`` summed over each output unit's weights, ``[out]``."""
+    def kl_per_unit(self, prior) -> torch.Tensor:
+        """``KL(q(w) || prior)`` summed over each output unit's weights, ``[out]`` (``prior``: a
+        ``bayesdyn.distributions.WeightPrior``)."""
         if not self.bayesian:
             return torch.zeros(self.out_units, device=self.weight_mu.device)
-        sigma, mu = self.weight_sigma(), self.weight_mu
-        kl = (math.log(prior_scale) - self.weight_log_sigma
-              + (sigma**2 + mu**2) / (2 * prior_scale**2) - 0.5)
-        return kl.flatten(1).sum(-1)
+        return prior.kl(self.weight_mu, self.weight_sigma()).flatten(1).sum(-1)
 
 
 class BayesLinear(BayesLayer):
