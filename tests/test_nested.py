@@ -74,6 +74,40 @@ def test_gradients_reach_ordering_and_weights():
     assert model.net.blocks[0].layer.weight_log_sigma.grad.abs().sum() > 0
 
 
+def test_gaussian_preactivation_matches_autograd_reference(float64):
+    from bayesdyn.nn.ordered import GaussianPreactivation
+
+    mean = torch.randn(4, 3, 5, 5, requires_grad=True)
+    var = torch.rand(4, 3, 5, 5, requires_grad=True)
+    torch.manual_seed(1)
+    out = GaussianPreactivation.apply(mean, var)
+    torch.manual_seed(1)
+    ref = mean + var.sqrt() * torch.randn_like(mean)
+    grad = torch.randn_like(out)
+    assert torch.allclose(out, ref)
+    got = torch.autograd.grad(out, (mean, var), grad)
+    want = torch.autograd.grad(ref, (mean, var), grad)
+    assert all(torch.allclose(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_mask_gradient_reaches_switched_off_groups_after_pooling():
+    """The straight-through gradient of a group that is off is sum(grad * pooled activation):
+    masking after the max-pool gives it exactly (pooling a zeroed map would pick arbitrary ties)."""
+    torch.manual_seed(0)
+    net = nested_convnet(1, 3, channels=(8,), groups=4, frozen=1)
+    block = net.blocks[0]
+    block.eval()
+    x = torch.randn(1, 5, 1, 6, 6)
+    mask = torch.tensor([[1.0, 0.0, 0.0]], requires_grad=True)
+    out = block(x, mask, sample=False)
+    out.sum().backward()
+    with torch.no_grad():
+        full = block(x, None, sample=False)  # all groups on
+    per_group = full.sum((0, 1, 3, 4)).reshape(4, -1).sum(-1)[1:]
+    assert torch.allclose(mask.grad[0], per_group, rtol=1e-5)
+    assert (out[:, :, 4:] == 0).all() and torch.allclose(out[:, :, :4], full[:, :, :4])
+
+
 def test_width_slicing_computes_less_and_equals_masking():
     net = nested_convnet(1, 10, channels=(16, 32, 32), groups=16, frozen=1)
     model = NestedNet(net, 10, input_shape=(1, 28, 28))
