@@ -24,14 +24,15 @@ from bayesdyn.data import DEFAULT_OOD, load
 from bayesdyn.evaluation import evaluate, measure
 from bayesdyn.inference import fit, predict, resolve_device
 from bayesdyn.models import DepthNet, DeterministicNet
-from bayesdyn.nn import resnet_depth, vds_convnet
+from bayesdyn.nn import resnet18_depth, resnet50_depth, vds_convnet
 
 KEYS = ("error", "nll", "brier", "ece", "ood_auroc")
 
 
 def backbone(args, shape, classes):
-    if args.arch == "resnet18":
-        return resnet_depth(shape[0], classes)
+    if args.arch in ("resnet18", "resnet50"):  # --width: channels of the first stage
+        resnet = resnet18_depth if args.arch == "resnet18" else resnet50_depth
+        return resnet(shape[0], classes, width=args.width)
     return vds_convnet(shape[0], classes, depth=args.depth, channels=args.width,
                        hidden=args.width // 2)
 
@@ -81,7 +82,8 @@ def main():
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=1, help="epochs with q(d) frozen (DUN: 3 of 90)")
-    p.add_argument("--arch", default="conv", choices=("conv", "resnet18"))
+    p.add_argument("--arch", default="conv", choices=("conv", "resnet18", "resnet50"),
+                   help="resnet50: DUN's ResNet-50 (use --width 64 for the paper's widths)")
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=128)

@@ -9,7 +9,7 @@ from bayesdyn.evaluation import measure
 from bayesdyn.guides import DepthGuide
 from bayesdyn.inference import predict
 from bayesdyn.models import DepthNet, depth_prior
-from bayesdyn.nn import residual_mlp, resnet_depth, vds_convnet
+from bayesdyn.nn import Bottleneck, residual_mlp, resnet50_depth, resnet_depth, vds_convnet
 
 
 def random_pair(likelihood="classification", prior="uniform", backbone=None):
@@ -79,7 +79,9 @@ def test_priors():
 def test_one_pass_returns_every_depth_and_matches_truncated_nets():
     for backbone, shape in ((residual_mlp(6, 4, width=8, depth=3), (6,)),
                             (vds_convnet(1, 4, depth=2, channels=8, hidden=4), (1, 12, 12)),
-                            (resnet_depth(3, 4, stages=(1, 1), widths=(4, 8)), (3, 8, 8))):
+                            (resnet_depth(3, 4, stages=(1, 1), widths=(4, 8)), (3, 8, 8)),
+                            (resnet_depth(3, 4, stages=(1, 2, 1), widths=(2, 4, 4),
+                                          block="bottleneck", shared_stages=1), (3, 8, 8))):
         backbone.eval()
         x = torch.randn(5, *shape)
         out = backbone(x)
@@ -88,6 +90,24 @@ def test_one_pass_returns_every_depth_and_matches_truncated_nets():
             assert torch.allclose(out[d], backbone.truncated(d)(x), atol=1e-5)
         lead = backbone(x.expand(2, *x.shape))  # a leading sample dim broadcasts
         assert lead.shape == (backbone.max_depth + 1, 2, 5, 4)
+
+
+def test_resnet50_depth_has_torchvisions_residual_trunk():
+    """DUN's ResNet-50: stages 1-3 (13 bottlenecks) are the depths, stage 4 sits in the shared
+    output block; the blocks hold exactly torchvision's ResNet-50 layer1-layer4 parameters."""
+    from torchvision.models import resnet50
+
+    net = resnet50_depth(3, 10)
+    assert net.max_depth == 13
+    ours = sum(p.numel() for p in net.blocks.parameters())
+    ours += sum(p.numel() for m in net.output_block if isinstance(m, Bottleneck)
+                for p in m.parameters())
+    ref = resnet50(num_classes=10)
+    assert ours == sum(p.numel() for name in ("layer1", "layer2", "layer3", "layer4")
+                       for p in getattr(ref, name).parameters())
+    assert net.output_block[-1].in_features == 2048
+    with pytest.raises(ValueError, match="block must be"):
+        resnet_depth(3, 10, block="dense")
 
 
 def test_marginal_prediction_is_the_q_mixture():

@@ -52,8 +52,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="run directory (default runs/METHOD-DATASET-sSEED)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--arch", default="auto", choices=("auto", *recipes.ARCHS),
-                       help="backbone: residual MLP, VDS conv net, or ResNet-18-like (auto: mlp "
-                            "for 8x8 inputs, conv otherwise)")
+                       help="backbone: residual MLP, VDS conv net, ResNet-18-like or DUN's "
+                            "ResNet-50 (auto: mlp for 8x8 inputs, conv otherwise)")
     train.add_argument("--depth", type=int, default=4, help="residual blocks (mlp, conv)")
     train.add_argument("--width", type=int, default=64, help="hidden units / channels")
     train.add_argument("--prior", default="uniform", choices=("uniform", "decaying"),

@@ -7,11 +7,18 @@ from dataclasses import asdict, dataclass
 
 from .guides import DepthGuide, EmptyGuide, NestedGuide
 from .models import DepthNet, DeterministicNet, NestedNet
-from .nn import nested_convnet, nested_mlp, residual_mlp, resnet_depth, vds_convnet
+from .nn import (
+                 nested_convnet,
+                 nested_mlp,
+                 residual_mlp,
+                 resnet18_depth,
+                 resnet50_depth,
+                 vds_convnet,
+)
 
 IMPLEMENTED = ("deterministic", "depth", "nested", "nested-dropout")
 PLANNED = ("exits", "boosted-exits", "ensemble")
-ARCHS = ("mlp", "conv", "resnet18")
+ARCHS = ("mlp", "conv", "resnet18", "resnet50")
 
 
 @dataclass
@@ -19,7 +26,7 @@ class Recipe:
     method: str
     arch: str = "auto"  # auto: mlp for 8x8 inputs, conv otherwise
     depth: int = 4  # residual blocks (mlp, conv)
-    width: int = 64  # hidden units / channels (nested: units of the widest ordered layer)
+    width: int = 64  # hidden units / channels (resnet: of the first stage; nested: widest layer)
     prior: str = "uniform"  # depth prior: uniform | decaying
     keep_prob: float = 0.95  # nested: keep probability of the truncated-geometric prior
     weight_prior: str = "gaussian"  # nested: gaussian | log-uniform | ard
@@ -53,7 +60,8 @@ def backbone(recipe: Recipe, input_shape, num_classes: int):
                             input_shape=input_shape)
     if arch == "conv":
         return vds_convnet(channels, num_classes, recipe.depth, recipe.width, recipe.width // 2)
-    return resnet_depth(channels, num_classes)
+    resnet = resnet18_depth if arch == "resnet18" else resnet50_depth
+    return resnet(channels, num_classes, width=recipe.width)  # stage widths w, 2w, 4w, 8w
 
 
 def nested_backbone(recipe: Recipe, input_shape, num_classes: int):

@@ -1,9 +1,18 @@
-"""Building blocks: residual stacks returning every depth (more to come: ordered layers,
-multi-exit backbones, Bayesian heads, extracted sub-networks)."""
+"""Building blocks: residual stacks returning every depth, ordered (nested) Bayesian layers."""
 
 from .ordered import BayesConv2d, BayesLinear, OrderedBlock, OrderedNet, nested_convnet, nested_mlp
-from .residual import BasicBlock, DepthStack, Residual, residual_mlp, resnet_depth, vds_convnet
+from .residual import (
+                       BasicBlock,
+                       Bottleneck,
+                       DepthStack,
+                       Residual,
+                       residual_mlp,
+                       resnet18_depth,
+                       resnet50_depth,
+                       resnet_depth,
+                       vds_convnet,
+)
 
-__all__ = ["BayesConv2d", "BayesLinear", "OrderedBlock", "OrderedNet", "nested_convnet",
-           "nested_mlp", "BasicBlock", "DepthStack", "Residual", "resnet_depth", "residual_mlp",
-           "vds_convnet"]
+__all__ = ["BasicBlock", "BayesConv2d", "BayesLinear", "Bottleneck", "DepthStack", "OrderedBlock",
+           "OrderedNet", "Residual", "nested_convnet", "nested_mlp", "resnet18_depth",
+           "resnet50_depth", "resnet_depth", "residual_mlp", "vds_convnet"]

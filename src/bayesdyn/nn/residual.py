@@ -132,15 +132,16 @@ def vds_convnet(in_channels: int, num_classes: int, depth: int = 10, channels: i
     return DepthStack(input_block, blocks, head, adapters=adapters)
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3x3 convs) with a projection shortcut when the shape changes."""
+class _ResNetBlock(nn.Module):
+    """``relu(shortcut(a) + body(a))``, the body's last BatchNorm zero-initialised so blocks start
+    as identities; a projection shortcut where the shape changes."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+    expansion = 1
+
+    def __init__(self, body: nn.Sequential, c_in: int, c_out: int, stride: int):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
-        nn.init.zeros_(self.body[-1].weight)  # zero-init last BN: blocks start as identities
+        self.body = body
+        nn.init.zeros_(self.body[-1].weight)
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
             nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
         self.act = nn.ReLU()
@@ -149,22 +150,66 @@ class BasicBlock(nn.Module):
         return self.act(self.shortcut(a) + self.body(a))
 
 
+class BasicBlock(_ResNetBlock):
+    """ResNet-18's basic block: two 3x3 convs."""
+
+    def __init__(self, c_in: int, width: int, stride: int = 1):
+        body = nn.Sequential(
+            nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
+        super().__init__(body, c_in, width, stride)
+
+
+class Bottleneck(_ResNetBlock):
+    """ResNet-50's bottleneck: 1x1 (width), 3x3 (width, stride), 1x1 (4 x width)."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int = 1):
+        c_out = width * self.expansion
+        body = nn.Sequential(
+            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        super().__init__(body, c_in, c_out, stride)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
 def resnet_depth(in_channels: int, num_classes: int, stages=(2, 2, 2, 2),
-                 widths=(64, 128, 256, 512)) -> DepthStack:
-    """A ResNet-18-like DUN (``stages=(2, 2, 2, 2)``) with a CIFAR stem (3x3 conv, no max-pool)
-    for 28x28 and 32x32 images. Depth ``d`` = output after ``d`` basic blocks; each depth has a
-    1x1-conv adapter (stride, channels, BN, ReLU) to the last stage's shape, then the shared
-    global-pool + linear head, as in DUN's image nets."""
+                 widths=(64, 128, 256, 512), block: str = "basic",
+                 shared_stages: int = 0) -> DepthStack:
+    """A ResNet DUN with a CIFAR stem (3x3 conv, no max-pool) for 28x28 and 32x32 images.
+
+    Depth ``d`` = output after ``d`` residual blocks of the first ``len(stages) - shared_stages``
+    stages; each depth has a 1x1-conv adapter (stride, channels, BN, ReLU; identity where the
+    shape already matches) to the input shape of the shared output block, which is the last
+    ``shared_stages`` stages + global average pool + linear (as in DUN's ResNet-50, where stage 4
+    is shared: every depth then pays for it). With ``shared_stages > 0`` the output block holds
+    BatchNorm, whose training statistics pool all depths of a batch (as DUN's code does).
+    ``resnet18_depth`` / ``resnet50_depth`` are the two standard settings."""
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {', '.join(BLOCKS)}, got {block!r}")
+    if len(stages) != len(widths) or not 0 <= shared_stages < len(stages):
+        raise ValueError("need one width per stage and 0 <= shared_stages < number of stages")
+    block_cls = BLOCKS[block]
     stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
                          nn.BatchNorm2d(widths[0]), nn.ReLU())
-    blocks, shapes = [], [(widths[0], 1)]  # (channels, cumulative stride) after each depth
+    stage_blocks, shapes = [], [(widths[0], 1)]  # (channels, cumulative stride) after each depth
     c_in, stride_total = widths[0], 1
     for i, (n_blocks, width) in enumerate(zip(stages, widths, strict=True)):
+        stage = []
         for j in range(n_blocks):
             stride = 2 if (i > 0 and j == 0) else 1
-            blocks.append(BasicBlock(c_in, width, stride))
-            c_in, stride_total = width, stride_total * stride
-            shapes.append((width, stride_total))
+            stage.append(block_cls(c_in, width, stride))
+            c_in, stride_total = width * block_cls.expansion, stride_total * stride
+            shapes.append((c_in, stride_total))
+        stage_blocks.append(stage)
+    n_depth_stages = len(stages) - shared_stages
+    blocks = [b for stage in stage_blocks[:n_depth_stages] for b in stage]
+    shared = [b for stage in stage_blocks[n_depth_stages:] for b in stage]
+    shapes = shapes[: len(blocks) + 1]
     final_c, final_stride = shapes[-1]
     adapters = []
     for c, s in shapes:
@@ -174,5 +219,22 @@ def resnet_depth(in_channels: int, num_classes: int, stages=(2, 2, 2, 2),
             adapters.append(nn.Sequential(
                 nn.Conv2d(c, final_c, 1, final_stride // s, bias=False),
                 nn.BatchNorm2d(final_c), nn.ReLU()))
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(final_c, num_classes))
+    head = nn.Sequential(*shared, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
     return DepthStack(stem, blocks, head, adapters=adapters)
+
+
+def resnet18_depth(in_channels: int, num_classes: int, width: int = 64) -> DepthStack:
+    """ResNet-18-like DUN: basic blocks (2, 2, 2, 2), 8 depths + the stem, pool + linear head."""
+    return resnet_depth(in_channels, num_classes, (2, 2, 2, 2), _widths(width))
+
+
+def resnet50_depth(in_channels: int, num_classes: int, width: int = 64) -> DepthStack:
+    """DUN's ResNet-50: bottlenecks (3, 4, 6, 3); depths are the 13 blocks of stages 1-3 (and the
+    stem); stage 4 + pool + linear is the shared output block. DUN's code keeps only depths 2..13
+    (12 depths); here depths 0 and 1 exist too and get prior mass like the others."""
+    return resnet_depth(in_channels, num_classes, (3, 4, 6, 3), _widths(width), "bottleneck",
+                        shared_stages=1)
+
+
+def _widths(width: int) -> tuple[int, ...]:
+    return (width, 2 * width, 4 * width, 8 * width)
