@@ -38,3 +38,17 @@ def test_train_evaluate_and_resume_via_cli(tmp_path, capsys):
 def test_evaluate_on_a_non_run_dir(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_nested_options_round_trip_through_the_run_directory(tmp_path):
+    out = tmp_path / "nested"
+    assert main(["train", "nested", "--dataset", "digits", "--epochs", "1", "--width", "32",
+                 "--weight-prior", "ard", "--keep-prob", "0.9", "--device", "cpu", "--out",
+                 str(out), "--no-progress", "--ood", "none"]) == 0
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    assert recipe["weight_prior"] == "ard" and recipe["keep_prob"] == 0.9
+    first = json.loads((out / "metrics.json").read_text())
+    assert main(["evaluate", str(out)]) == 0  # rebuilt from config.json: the ARD model again
+    again = json.loads((out / "metrics.json").read_text())
+    assert [b["flops"] for b in again["budgets"]] == [b["flops"] for b in first["budgets"]]
+    assert len(first["budgets"]) == 16
