@@ -8,7 +8,7 @@ from bayesdyn.distributions import GaussianPrior, StickBreakingOrdering, Truncat
 from bayesdyn.evaluation import measure
 from bayesdyn.guides import NestedGuide
 from bayesdyn.inference import fit, predict
-from bayesdyn.models import NestedNet
+from bayesdyn.models import Budget, NestedNet
 from bayesdyn.nn import nested_convnet, nested_mlp
 
 
@@ -156,7 +156,16 @@ def test_learned_ordering_and_width_calibration_on_digits(digits):
     after = [q.probs.detach() for q in guide.orderings()]
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(after, before, strict=False))  # q moved: learned
     model.prepare_evaluation(digits.train, guide)
-    assert len(model._width_stats) == 16
+    settings = model._marginal_settings
+    assert len(settings) == NestedNet.MARGINAL_ORDERINGS
+    assert set(model._width_stats) == {b.setting for b in model.budgets()} | set(settings)
+    # the marginal averages the calibrated orderings, each with its own BatchNorm statistics
+    model.eval()
+    x = digits.test.tensors[0][:20]
+    marginal = model.predict_probs(guide, x, deterministic=True).probs
+    per_ordering = torch.cat([model.predict_probs(guide, x, Budget("o", s), deterministic=True).probs
+                              for s in settings])
+    assert torch.allclose(marginal, per_ordering, atol=1e-6)
     assert set(model.structure_posterior(guide)) == {"layer 0 groups", "layer 0 groups prior",
                                                      "layer 1 groups", "layer 1 groups prior"}
 

@@ -56,6 +56,8 @@ class NestedNet(DynamicModel):
             know the masks, e.g. ``AutoNormal``).
     """
 
+    MARGINAL_ORDERINGS = 8  # orderings drawn from q(z) and calibrated for the marginal
+
     def __init__(self, net: OrderedNet, num_classes: int, keep_prob: float = 0.95,
                  ordering_prior=None, prior_scale: float = 1.0, temperature: float = 2.0,
                  kl_weight: float = 1.0, kl_weighting: str = "survival", input_shape=None,
@@ -186,12 +188,22 @@ class NestedNet(DynamicModel):
     def predict_probs(self, guide, x, budget=None, num_samples=1,
                       deterministic: bool = False) -> PredictiveSamples:
         """Bayesian prediction: ``num_samples`` draws of weights (local reparameterisation)
-        and, for the marginal (``budget=None``), of the ordering masks from ``q(z)``, all in one
-        vectorised pass. ``deterministic``: mean weights, a single pass."""
+        and, for the marginal (``budget=None``), of the orderings from ``q(z)``: after
+        ``prepare_evaluation`` the calibrated orderings in turn (BatchNorm statistics that fit
+        each), else fresh masks with training's statistics in one vectorised pass.
+        ``deterministic``: mean weights, one pass per width (per calibrated ordering)."""
         samples = 1 if deterministic else num_samples
         if not (isinstance(guide, NestedGuide) and guide.with_weights):
             return self._pyro_predict(guide, x, budget, samples)
-        if budget is None:
+        settings = getattr(self, "_marginal_settings", None)
+        if budget is None and settings:  # calibrated orderings from q(z), one pass each
+            count = len(settings) if deterministic else samples
+            parts = []
+            for setting in (settings[s % len(settings)] for s in range(count)):
+                with self.width_statistics(setting):
+                    parts.append(self.net(x, n_groups=setting, sample=not deterministic))
+            logits = torch.cat(parts)
+        elif budget is None:
             masks = [guide.downhill(q).sample((samples,)) for q in guide.orderings()]
             logits = self.net(x, masks=masks, sample=not deterministic, num_samples=samples)
         else:
@@ -251,21 +263,31 @@ class NestedNet(DynamicModel):
     @torch.no_grad()
     def prepare_evaluation(self, train, guide=None, batch_size: int = 500,
                            max_examples: int = 2000) -> None:
-        """Re-estimate BatchNorm statistics at every width on (up to ``max_examples``) training
-        inputs, as slimmable networks do: the running statistics from training mix all mask
-        states. Training's statistics stay in place for the marginal (random masks)."""
+        """Re-estimate BatchNorm statistics, as slimmable networks do, on (up to
+        ``max_examples``) training inputs: the running statistics from training average over all
+        mask states and fit none of them. Done for every width, and for ``MARGINAL_ORDERINGS``
+        orderings drawn once from ``q(z)`` (a hard ordering is a per-layer width), which the
+        marginal prediction then averages over."""
         x_train = train.tensors[0][:max_examples]
         was_training, trained = self.training, self._bn_stats()
         momenta = [b.bn.momentum for b in self.net.blocks]
+        settings = [b.setting for b in self.budgets()]
+        self._marginal_settings = []
+        if guide is not None:
+            orderings = self.ordering_guide(guide).orderings()
+            for _ in range(self.MARGINAL_ORDERINGS):
+                cuts = [int(q.sample()) for q in orderings]
+                self._marginal_settings.append(tuple(b.frozen + z for b, z in
+                                                     zip(self.net.blocks, cuts, strict=True)))
         self._width_stats = {}
         self.train()
-        for budget in self.budgets():
+        for setting in dict.fromkeys(settings + self._marginal_settings):
             for block in self.net.blocks:
                 block.bn.reset_running_stats()
                 block.bn.momentum = None  # cumulative average over the calibration batches
             for xb in x_train.split(batch_size):
-                self.net(xb, n_groups=budget.setting, sample=self.net.bayesian)
-            self._width_stats[budget.setting] = self._bn_stats()
+                self.net(xb, n_groups=setting, sample=self.net.bayesian)
+            self._width_stats[setting] = self._bn_stats()
         self._load_bn_stats(trained)
         for block, momentum in zip(self.net.blocks, momenta, strict=True):
             block.bn.momentum = momentum
