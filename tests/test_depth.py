@@ -7,7 +7,7 @@ from pyro.infer.autoguide import AutoGuideList, AutoNormal
 
 from bayesdyn.evaluation import measure
 from bayesdyn.guides import DepthGuide
-from bayesdyn.inference import predict
+from bayesdyn.inference import fit, predict
 from bayesdyn.models import DepthNet, depth_prior
 from bayesdyn.nn import Bottleneck, residual_mlp, resnet50_depth, resnet_depth, vds_convnet
 
@@ -52,6 +52,33 @@ def test_fast_loss_equals_traceenum_value_and_gradients(likelihood, prior, float
     assert (terms["nll"] + terms["kl"]).item() == pytest.approx(fast.item(), rel=1e-6)
     for g_fast, g_ref in zip(grads(fast, params), grads(ref, params), strict=True):
         assert (g_fast - g_ref).norm() <= 1e-5 * g_ref.norm() + 1e-12
+
+
+def test_fast_loss_equals_traceenum_with_batchnorm_in_the_shared_head(float64):
+    """DUN's ResNet-50 layout: the shared output block holds a bottleneck stage with BatchNorm in
+    training mode (statistics over every depth of the batch); the fast path still equals Pyro."""
+    backbone = resnet_depth(1, 4, stages=(1, 2, 1), widths=(2, 2, 4), block="bottleneck",
+                            shared_stages=1)
+    model, guide = random_pair(backbone=backbone)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    model.train()
+    ref = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, x, y, 60)
+    fast, _ = model.fast_loss(guide, x, y, 60)
+    assert fast.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_resnet50_recipe_trains_and_every_depth_is_a_budget(digits):
+    from bayesdyn.evaluation import evaluate
+    from bayesdyn.recipes import Recipe, build
+
+    torch.manual_seed(0)
+    model, guide = build(Recipe("depth", arch="resnet50", width=4), digits.input_shape, 10)
+    history = fit(model, guide, digits, epochs=1, batch_size=128, lr=3e-3, device="cpu",
+                  progress=False)
+    assert history.objective == "fast"
+    metrics = evaluate(model, guide, digits, ood=None)
+    flops = [b["flops"] for b in metrics["budgets"]]
+    assert len(flops) == 14 and flops == sorted(flops) and flops[0] > 0  # stage 4 in every depth
 
 
 def test_kl_term_is_the_categorical_kl():
