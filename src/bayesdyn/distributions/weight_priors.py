@@ -9,7 +9,8 @@ fast path its closed-form ``KL(q || p)`` per weight; a test checks one against t
   for every ``alpha`` (tested by numerical integration).
 - ``ARDPrior()``: ``N(0, s^2)`` with each weight's prior variance at its empirical-Bayes optimum
   ``s^2 = mu^2 + sigma^2``, which makes the KL exactly ``0.5 log(1 + 1/alpha)`` (Kharitonov et al.,
-  2018). The model reads ``s`` from the guide's parameters.
+  2018). The model reads ``s`` from the layer's own variational parameters, so use it with the
+  layer-held Gaussian weights (``NestedGuide``), not with a separate weight guide.
 
 Both sparsity priors push ``alpha`` up: a weight with ``log alpha > 3`` carries mostly noise.
 """
