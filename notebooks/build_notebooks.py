@@ -54,7 +54,8 @@ data"""),
 The backbone is a `DepthStack`: for 28x28 images, VDS's convolutional net (bottleneck residual
 blocks at one resolution, a shared pooling + linear head); for the 8x8 digits, a residual MLP.
 `DepthNet` puts the prior over depth on top; `DepthGuide` is `q(d) = Categorical(logits=alpha)`,
-marked for exact enumeration."""),
+marked for exact enumeration. On a GPU, `resnet18_depth(1, 10)` or DUN's
+`resnet50_depth(1, 10)` (stage 4 shared by every depth) drop in for `make_backbone()`."""),
     ("code", """def make_backbone():
     if SMOKE:
         return residual_mlp(64, 10, width=64, depth=5, input_shape=data.input_shape)
