@@ -15,10 +15,8 @@ import argparse
 import pyro
 import torch
 import torch.nn.functional as F
-from common import peak_memory, report, time_variants
-from torch.utils.data import TensorDataset
+from common import peak_memory, report, synthetic_splits, time_variants
 
-from bayesdyn.data import DataSplits
 from bayesdyn.inference import FitConfig, resolve_device
 from bayesdyn.inference.fit import Trainer
 from bayesdyn.models import DepthNet
@@ -37,10 +35,7 @@ def main():
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    x = torch.randn(args.batch * 4, 784)
-    y = torch.randint(0, 10, (len(x),))
-    data = DataSplits("synthetic", TensorDataset(x, y), TensorDataset(x[:8], y[:8]),
-                      TensorDataset(x[:8], y[:8]), 10, (784,), (0.0,), (1.0,))
+    data, x, y = synthetic_splits(args.batch * 4, (784,))
     xb, yb = x[: args.batch].to(device), y[: args.batch].to(device)
 
     def build():

@@ -15,11 +15,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import device_name, report, sync
+from common import device_name, report, sync, synthetic_splits
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from bayesdyn.data import DataSplits
 from bayesdyn.inference import fit, resolve_device
 from bayesdyn.models import DeterministicNet
 
@@ -39,10 +37,7 @@ def main():
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(N, 1, 28, 28, generator=g), torch.randint(0, 10, (N,), generator=g)
-    val = TensorDataset(x[:256], y[:256])
-    data = DataSplits("synthetic", TensorDataset(x, y), val, val, 10, (1, 28, 28), (0.0,), (1.0,))
+    data, x, y = synthetic_splits(N, (1, 28, 28), n_val=256)
     xd, yd = x.to(device), y.to(device)
 
     def fit_epoch():

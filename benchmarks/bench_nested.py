@@ -15,11 +15,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import peak_memory, report, time_variants
+from common import peak_memory, report, synthetic_splits, time_variants
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from bayesdyn.data import DataSplits
 from bayesdyn.inference import FitConfig, resolve_device
 from bayesdyn.inference.fit import Trainer
 from bayesdyn.models import NestedNet
@@ -45,9 +43,7 @@ def main():
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    x, y = torch.randn(args.batch * 2, 1, 28, 28), torch.randint(0, 10, (args.batch * 2,))
-    data = DataSplits("synthetic", TensorDataset(x, y), TensorDataset(x[:8], y[:8]),
-                      TensorDataset(x[:8], y[:8]), 10, (1, 28, 28), (0.0,), (1.0,))
+    data, x, y = synthetic_splits(args.batch * 2, (1, 28, 28))
     xb, yb = x[: args.batch].to(device), y[: args.batch].to(device)
 
     model = NestedNet(nested_convnet(1, 10, CHANNELS), 10, input_shape=(1, 28, 28))

@@ -55,6 +55,21 @@ def peak_memory(fn, device) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
+def synthetic_splits(n: int, input_shape, n_val: int = 8, classes: int = 10):
+    """Random inputs and labels as ``DataSplits`` (timing only; seeded): ``(data, x, y)``."""
+    from torch.utils.data import TensorDataset
+
+    from bayesdyn.data import DataSplits
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, *input_shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+    val = TensorDataset(x[:n_val], y[:n_val])
+    channels = (0.0,) * (input_shape[0] if len(input_shape) == 3 else 1)
+    data = DataSplits("synthetic", TensorDataset(x, y), val, val, classes, tuple(input_shape),
+                      channels, tuple(1.0 for _ in channels))
+    return data, x, y
+
+
 def mean_std(values) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
