@@ -14,6 +14,7 @@ computes exactly, together with the exact categorical ``KL(q(z) || p(z))``.
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 
 import pyro
@@ -189,21 +190,16 @@ class NestedNet(DynamicModel):
                       deterministic: bool = False) -> PredictiveSamples:
         """Bayesian prediction: ``num_samples`` draws of weights (local reparameterisation)
         and, for the marginal (``budget=None``), of the orderings from ``q(z)``: after
-        ``prepare_evaluation`` the calibrated orderings in turn (BatchNorm statistics that fit
-        each), else fresh masks with training's statistics in one vectorised pass.
+        ``prepare_evaluation`` the calibrated orderings (BatchNorm statistics that fit each),
+        else fresh masks with training's statistics, in one vectorised pass.
         ``deterministic``: mean weights, one pass per width (per calibrated ordering)."""
         samples = 1 if deterministic else num_samples
         if not (isinstance(guide, NestedGuide) and guide.with_weights):
             return self._pyro_predict(guide, x, budget, samples)
         settings = getattr(self, "_marginal_settings", None)
-        if budget is None and settings:  # calibrated orderings from q(z), one pass each
-            count = len(settings) if deterministic else samples
-            parts = []
-            for setting in (settings[s % len(settings)] for s in range(count)):
-                with self.width_statistics(setting):
-                    parts.append(self.net(x, n_groups=setting, sample=not deterministic))
-            logits = torch.cat(parts)
-        elif budget is None:
+        if budget is None and settings:
+            return self._calibrated_marginal(x, settings, samples, deterministic)
+        if budget is None:
             masks = [guide.downhill(q).sample((samples,)) for q in guide.orderings()]
             logits = self.net(x, masks=masks, sample=not deterministic, num_samples=samples)
         else:
@@ -211,6 +207,20 @@ class NestedNet(DynamicModel):
                 logits = self.net(x, n_groups=budget.setting, sample=not deterministic,
                                   num_samples=samples)
         return PredictiveSamples.equal(torch.softmax(logits, -1))
+
+    def _calibrated_marginal(self, x, settings, samples, deterministic) -> PredictiveSamples:
+        """The calibrated orderings in turn (each a sliced pass with its own BatchNorm
+        statistics, vectorised over its weight draws); draw ``s`` uses ordering ``s mod n``."""
+        count = len(settings) if deterministic else samples
+        uses = Counter(settings[s % len(settings)] for s in range(count))
+        probs, weights = [], []
+        for setting, n in uses.items():
+            draws = 1 if deterministic else n  # mean weights: one pass stands for all n
+            with self.width_statistics(setting):
+                logits = self.net(x, n_groups=setting, sample=not deterministic, num_samples=draws)
+            probs.append(torch.softmax(logits, -1))
+            weights.append(torch.full((draws,), n / (draws * count), device=x.device))
+        return PredictiveSamples(torch.cat(probs), torch.cat(weights).to(probs[0].dtype))
 
     def _pyro_predict(self, guide, x, budget, samples) -> PredictiveSamples:
         """Any other guide (e.g. an ``AutoGuideList`` with ``AutoNormal`` weights): draws through
