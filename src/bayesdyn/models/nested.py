@@ -74,8 +74,8 @@ class NestedNet(DynamicModel):
             raise ValueError(f"kl_weighting must be 'survival' or 'full', got {kl_weighting!r}")
         self.net, self.num_classes = net, num_classes
         self.input_shape = tuple(input_shape) if input_shape is not None else None
-        self.prior_scale, self.temperature = prior_scale, temperature
-        self.weight_prior = _weight_prior(weight_prior, prior_scale)
+        self.temperature = temperature
+        self.weight_prior = _weight_prior(weight_prior, prior_scale)  # holds the scale
         self.kl_weight, self.kl_weighting = kl_weight, kl_weighting
         self.prior_keep_logit = float(torch.logit(torch.tensor(keep_prob)))
         sizes = [b.num_orderable for b in net.blocks]

@@ -63,7 +63,7 @@ class BayesLayer(nn.Module):
     def weight_sigma(self) -> torch.Tensor:
         return self.weight_log_sigma.exp()
 
-    def _op(self, x, weight, bias, n_out):  # x [N, ...] -> [N, n_out, ...]
+    def _op(self, x, weight, bias):  # x [N, in, ...] -> [N, out, ...]
         raise NotImplementedError
 
     def _per_sample_op(self, x, weight, bias):  # x [S, B, ...], weight [S, out, ...]
@@ -82,9 +82,9 @@ class BayesLayer(nn.Module):
             return self._per_sample_op(x, w.expand(samples, *w.shape[1:]), bias)
         flat = x.reshape(-1, *x.shape[2:])
         mu = self.weight_mu[:n_out, :n_in]
-        mean = self._op(flat, mu, bias, n_out)
+        mean = self._op(flat, mu, bias)
         if sample and self.bayesian:
-            var = self._op(flat * flat, (2 * self.weight_log_sigma[:n_out, :n_in]).exp(), None, n_out)
+            var = self._op(flat * flat, (2 * self.weight_log_sigma[:n_out, :n_in]).exp(), None)
             mean = GaussianPreactivation.apply(mean, var)
         return mean.reshape(*x.shape[:2], *mean.shape[1:])
 
@@ -100,7 +100,7 @@ class BayesLinear(BayesLayer):
     def __init__(self, in_features: int, out_features: int, **kwargs):
         super().__init__((out_features, in_features), **kwargs)
 
-    def _op(self, x, weight, bias, n_out):
+    def _op(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
     def _per_sample_op(self, x, weight, bias):
@@ -114,7 +114,7 @@ class BayesConv2d(BayesLayer):
         super().__init__((out_channels, in_channels, kernel_size, kernel_size), **kwargs)
         self.padding = padding
 
-    def _op(self, x, weight, bias, n_out):
+    def _op(self, x, weight, bias):
         return F.conv2d(x, weight, bias, padding=self.padding)
 
     def _per_sample_op(self, x, weight, bias):
