@@ -5,7 +5,7 @@ under `--weight-prior` (`nested`) and (b) the same ordered network with point we
 truncated-geometric prior (`nested-dropout`), then evaluates both at the 16 widths 1 - i/15
 (weights sliced, BatchNorm re-estimated per width, 8 Monte Carlo samples) on the test split:
 accuracy, NLL, ECE (15 bins), OOD AUROC (predictive entropy; OOD = digits resized to 28x28).
-The paper's claim (methods.md §1.1): BNNN better calibrated and better at OOD detection at every
+The paper's claim (methods.md §7.1): BNNN better calibrated and better at OOD detection at every
 width, accuracy at least as good, a learned decay of accuracy with width.
 
     python benchmarks/repro_nested.py --dataset fashion-mnist --seeds 3 --epochs 10
