@@ -8,6 +8,8 @@ import torch
 from pyro.infer.autoguide import AutoGuide
 from torch import nn
 
+from ..params import give_unique_name
+
 
 class DepthGuide(AutoGuide):
     """``q(d) = Categorical(logits=alpha)`` over ``d = 0..D``.
@@ -26,6 +28,7 @@ class DepthGuide(AutoGuide):
 
     def __init__(self, model, num_depths: int | None = None, init_logits=None):
         super().__init__(model)
+        give_unique_name(self)  # its own prefix in Pyro's param store
         if num_depths is None:
             num_depths = getattr(model, "num_depths", None)
         if num_depths is None:

@@ -2,12 +2,15 @@
 
 from pyro.infer.autoguide import AutoGuide
 
+from ..params import give_unique_name
+
 
 class EmptyGuide(AutoGuide):
     """Samples nothing: the ELBO reduces to the (scaled) log-likelihood."""
 
     def __init__(self, model=None):
         super().__init__(model)
+        give_unique_name(self)  # its own prefix in Pyro's param store
 
     def forward(self, *args, **kwargs):
         return {}

@@ -10,6 +10,7 @@ from pyro.infer.autoguide import AutoGuide
 from torch import nn
 
 from ..distributions import Downhill, StickBreakingOrdering
+from ..params import give_unique_name
 
 RHO_CLIP = 5.0  # keep-probabilities stay in [sigmoid(-5), sigmoid(5)] (BNNN code)
 
@@ -37,6 +38,7 @@ class NestedGuide(AutoGuide):
     def __init__(self, model, init_rho: float = 3.0, learn_ordering: bool = True,
                  weights: bool = True, gumbel_logits: str = "log_probs", nested=None):
         super().__init__(model)
+        give_unique_name(self)  # its own prefix in Pyro's param store
         nested = model if nested is None else nested
         if not hasattr(nested, "net") or not hasattr(nested, "kl_weight"):
             raise TypeError("NestedGuide needs a NestedNet (pass nested=... for a blocked model)")

@@ -14,6 +14,7 @@ import pyro
 import torch
 from torch import nn
 
+from ..params import register_parameters, unique_name
 from ..validation import check_inputs
 
 
@@ -62,9 +63,14 @@ class DynamicModel(nn.Module):
     reference_elbo: type[pyro.infer.ELBO] = pyro.infer.Trace_ELBO
     max_plate_nesting: int = 1
 
+    def __init__(self):
+        super().__init__()
+        self.pyro_name = unique_name(self)  # this instance's prefix in Pyro's param store
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
                 dataset_size: int | None = None):
         check_inputs(x, y, self.num_classes, self.input_shape)
+        register_parameters(self)  # so SVI + pyro.optim train the weights
         return self.model(x, y, dataset_size)
 
     def model(self, x, y=None, dataset_size=None):

@@ -22,6 +22,7 @@ from torch import nn
 from ..guides.depth import DepthGuide
 from ..guides.empty import EmptyGuide
 from ..nn.residual import DepthStack
+from ..params import give_unique_name
 from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorized_trace
 
 VDS_DECAY = 0.85
@@ -107,7 +108,7 @@ class DepthNet(DynamicModel):
             return EmptyGuide(self)
         if self.output_prior_scale is None:
             return DepthGuide(self)
-        guide = AutoGuideList(self)
+        guide = give_unique_name(AutoGuideList(self))
         guide.append(DepthGuide(poutine.block(self, expose=["depth"]), self.num_depths))
         guide.append(AutoNormal(poutine.block(self, hide=["depth"]), init_scale=1e-3))
         return guide
