@@ -82,3 +82,26 @@ def test_cumulative_flops_reuse_shared_trunk():
     assert [b.info["cumulative_flops"] for b in budgets] == [
         b.flops + d * head for d, b in enumerate(budgets)]
     assert marginal_cost(model, (16,))[0] == budgets[-1].info["cumulative_flops"]
+
+
+def test_cost_is_that_of_the_predictive_that_produced_the_metrics():
+    """Monte Carlo predictives pay per sample; the nested marginal pays for each ordering it
+    averages (not one full-width pass)."""
+    from bayesdyn.data import load
+    from bayesdyn.evaluation import marginal_cost, measure
+    from bayesdyn.models import Budget, NestedNet
+    from bayesdyn.nn import nested_mlp
+
+    torch.manual_seed(0)
+    model = NestedNet(nested_mlp(64, 10, (32, 32), groups=8, input_shape=(1, 8, 8)), 10,
+                      input_shape=(1, 8, 8))
+    guide = model.default_guide()
+    one, four = (measure(model, (1, 8, 8), guide, num_samples=s) for s in (1, 4))
+    assert [4 * b.flops for b in one] == [b.flops for b in four]
+    model.prepare_evaluation(load("digits").train, guide)
+    settings = model._marginal_settings
+    per_draw = {s: measure(model, (1, 8, 8), guide, [Budget("w", s)], num_samples=1)[0].flops
+                for s in set(settings)}
+    for draws in (3, 8, 11):
+        expected = sum(per_draw[settings[s % len(settings)]] for s in range(draws))
+        assert marginal_cost(model, (1, 8, 8), guide, num_samples=draws)[0] == expected

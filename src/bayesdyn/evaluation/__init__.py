@@ -1,7 +1,7 @@
 """Evaluation written once against the budget interface: metrics, OOD, cost, protocols, plots."""
 
 from . import plots
-from .cost import forward_flops, marginal_cost, measure, parameter_count
+from .cost import forward_flops, marginal_cost, measure, parameter_count, prediction_flops
 from .evaluate import evaluate
 from .metrics import (
                       accuracy,
@@ -19,4 +19,4 @@ from .protocols import apply_thresholds, budgeted_batch, exit_proportions, selec
 __all__ = ["SCORES", "accuracy", "apply_thresholds", "brier", "budgeted_batch",
            "classification_metrics", "ece", "entropy", "evaluate", "exit_proportions",
            "forward_flops", "marginal_cost", "measure", "nll", "ood_metrics", "parameter_count",
-           "plots", "reliability", "select_thresholds", "uncertainty"]
+           "plots", "prediction_flops", "reliability", "select_thresholds", "uncertainty"]

@@ -1,7 +1,10 @@
-"""Forward FLOPs and parameter counts, measured on the actual sub-network.
+"""Forward FLOPs and parameter counts, measured on what actually runs.
 
 FLOPs come from PyTorch's ``FlopCounterMode`` (multiply-add = 2 FLOPs; elementwise ops, BN and
-activations are not counted, as in most papers' conventions) on a batch of one example.
+activations are not counted, as in most papers' conventions) on a batch of one example. The cost
+reported next to a budget's metrics is that of the predictive that produced them: the model's
+``predict_probs`` at that budget with the same number of samples, so Monte Carlo predictives pay
+per sample and a marginal pays for every structure it averages.
 """
 
 from __future__ import annotations
@@ -34,24 +37,48 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def measure(model, input_shape, guide=None, budgets=None) -> list:
-    """The model's budgets with ``flops`` and ``params`` of their sub-networks, and
-    ``info["cumulative_flops"]``: the cost of trying budgets cheapest-first up to this one (for
-    budgeted batch), reusing shared computation where ``model.head_module`` says it can."""
+@torch.no_grad()
+def prediction_flops(model, input_shape, guide=None, budget=None, num_samples: int = 8) -> int:
+    """Forward FLOPs per example of ``model.predict_probs(guide, x, budget, num_samples)``: the
+    whole predictive at ``budget`` (``None``: the structure-marginalised one), in eval mode."""
+    from ..inference.predict import _EvalMode  # inference imports evaluation
+
+    guide = model.default_guide() if guide is None else guide
+    x = torch.zeros(1, *input_shape, device=_device(model))
+    counter = FlopCounterMode(display=False)
+    with _EvalMode(model, guide), counter:
+        model.predict_probs(guide, x, budget=budget, num_samples=num_samples)
+    return int(counter.get_total_flops())
+
+
+def measure(model, input_shape, guide=None, budgets=None, num_samples: int = 8) -> list:
+    """The model's budgets with ``flops`` (of the predictive at that budget with
+    ``num_samples`` draws), ``params`` (of its sub-network) and ``info["cumulative_flops"]``: the
+    cost of trying budgets cheapest-first up to this one (for budgeted batch), reusing shared
+    computation where ``model.head_module`` says it can."""
+    guide = model.default_guide() if guide is None else guide
     budgets = model.budgets(guide) if budgets is None else budgets
     out, spent = [], 0  # FLOPs of earlier budgets that the next one does not reuse
     for b in budgets:
-        sub = model.budget_module(b, guide)
-        flops = forward_flops(sub, input_shape)
-        out.append(dataclasses.replace(b, flops=flops, params=parameter_count(sub),
+        flops = prediction_flops(model, input_shape, guide, b, num_samples)
+        params = parameter_count(model.budget_module(b, guide))
+        out.append(dataclasses.replace(b, flops=flops, params=params,
                                        info={**b.info, "cumulative_flops": spent + flops}))
         head = model.head_module(b, guide)
         spent += flops if head is None else _head_flops(model, b, head, input_shape, guide)
     return out
 
 
+def _device(model) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _head_flops(model, budget, head, input_shape, guide) -> int:
-    """FLOPs of a head, measured on the activation that feeds it (captured with a hook)."""
+    """FLOPs of a head, measured on the activation that feeds it (captured with a hook). An empty
+    ``nn.Sequential`` is a head that costs nothing extra (a deeper budget reuses all of this one's
+    work, as in multi-exit nets whose exit cost already counts the earlier heads)."""
+    if isinstance(head, torch.nn.Sequential) and len(head) == 0:
+        return 0
     captured = {}
     first = head[0] if isinstance(head, torch.nn.Sequential) else head  # a module the net calls
     hook = first.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
@@ -67,7 +94,9 @@ def _head_flops(model, budget, head, input_shape, guide) -> int:
     return forward_flops(head, tuple(captured["x"].shape[1:]))
 
 
-def marginal_cost(model, input_shape, guide=None) -> tuple[int, int]:
-    """(flops, params) of the structure-marginalised model (``budget_module(None)``)."""
-    sub = model.budget_module(None, guide)
-    return forward_flops(sub, input_shape), parameter_count(sub)
+def marginal_cost(model, input_shape, guide=None, num_samples: int = 8) -> tuple[int, int]:
+    """(flops, params) of the structure-marginalised predictive with ``num_samples`` draws
+    (params: of ``budget_module(None)``, the network it needs)."""
+    guide = model.default_guide() if guide is None else guide
+    flops = prediction_flops(model, input_shape, guide, None, num_samples)
+    return flops, parameter_count(model.budget_module(None, guide))

@@ -32,7 +32,7 @@ def evaluate(model, guide, data, *, ood: str | None = "default", out=None, metho
     x_test, y_test = data.test.tensors
     run = lambda x, b: predict(model, guide, x, b, num_samples, batch_size)  # noqa: E731
     model.prepare_evaluation(data.train, guide)
-    budgets = measure(model, data.input_shape, guide)
+    budgets = measure(model, data.input_shape, guide, num_samples=num_samples)
     rows, test_preds = [], []
     for b in budgets:
         test_preds.append(run(x_test, b))
@@ -41,10 +41,10 @@ def evaluate(model, guide, data, *, ood: str | None = "default", out=None, metho
                      **budget_metrics(test_preds[-1], y_test, ood_pred, n_bins, ood_score)})
     marginal_pred = run(x_test, None)
     marginal_ood = run(x_ood, None) if x_ood is not None else None
-    flops, params = marginal_cost(model, data.input_shape, guide)
+    flops, params = marginal_cost(model, data.input_shape, guide, num_samples)
     metrics = {"method": method, "dataset": data.name, "seed": seed,
                "train_seconds": train_seconds, "ood": ood_name, "ood_score": ood_score,
-               "ece_bins": n_bins,
+               "ece_bins": n_bins, "num_samples": num_samples,
                "marginal": {"flops": flops, "params": params,
                             **budget_metrics(marginal_pred, y_test, marginal_ood, n_bins,
                                              ood_score)},
