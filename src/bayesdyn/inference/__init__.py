@@ -6,7 +6,8 @@ from .fit import FitConfig, History, TrainingDivergedError, fit
 from .predict import Prediction, predict
 
 __all__ = ["FitConfig", "History", "Prediction", "TrainingDivergedError", "atomic_save",
-           "check_inputs", "fit", "load_checkpoint", "predict", "resolve_device", "to_datatree"]
+           "check_inputs", "fit", "load_checkpoint", "loo", "predict", "resolve_device",
+           "to_datatree"]
 
 
 def __getattr__(name):  # ArviZ is imported only when the export is used
@@ -14,4 +15,8 @@ def __getattr__(name):  # ArviZ is imported only when the export is used
         from .datatree import to_datatree
 
         return to_datatree
+    if name == "loo":
+        from .model_comparison import loo
+
+        return loo
     raise AttributeError(name)

@@ -116,6 +116,13 @@ class DynamicModel(RenamedOnCopy, nn.Module):
         width, a marginal-likelihood DepthNet computes its exact depth posterior. Default:
         nothing."""
 
+    def component_log_likelihood(self, guide, x: torch.Tensor, y: torch.Tensor):
+        """For a predictive that is an exact mixture over a discrete structure with point
+        weights: ``(log_weights [K], log p(y_n | x_n, component k) [K, N])``, from which
+        ``bayesdyn.inference.loo`` computes an exact leave-one-out. ``None`` (the default) when
+        the posterior is only known through draws (then PSIS-LOO applies)."""
+        return None
+
     def network_values(self) -> dict[str, torch.Tensor]:
         """The network's current value of every weight sample site of ``model``, by site name
         and shaped like the site (``bayesdyn.guides.init_to_network`` starts autoguides there).

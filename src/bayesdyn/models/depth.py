@@ -274,6 +274,13 @@ class DepthNet(DynamicModel):
         if self.marginal and isinstance(guide, EmptyGuide):
             self.update_posterior(*train.tensors)
 
+    @torch.no_grad()
+    def component_log_likelihood(self, guide, x, y):
+        """Exact over depths: ``(log q(d) [D + 1], log p(y_n | x_n, d) [D + 1, N])``."""
+        if self.output_prior_scale is not None:  # weight draws: PSIS-LOO on draws instead
+            return None
+        return self.depth_weights(guide, x).log(), self.log_likelihoods(self.backbone(x), y)
+
     def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
         return {"depth": self.depth_weights(guide).detach(), "depth prior": self.prior_probs}
 

@@ -42,5 +42,11 @@ class DeterministicNet(DynamicModel):
     def budget_module(self, budget, guide=None) -> nn.Module:
         return self.net
 
+    @torch.no_grad()
+    def component_log_likelihood(self, guide, x, y):
+        """One component (the point estimate): ``log p(y_n | x_n)`` ``[1, N]``."""
+        logits = self.net(x)
+        return logits.new_zeros(1), torch.log_softmax(logits, -1).gather(-1, y[:, None]).T
+
     def predict_probs(self, guide, x, budget=None, num_samples=1) -> PredictiveSamples:
         return PredictiveSamples.equal(torch.softmax(self.net(x), -1)[None])

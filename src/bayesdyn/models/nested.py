@@ -265,8 +265,8 @@ class NestedNet(DynamicModel):
         out = {}
         guide = self.ordering_guide(guide)
         for i, (q, p) in enumerate(zip(guide.orderings(), self.prior_probs(), strict=True)):
-            out[f"layer {i} groups"] = q.probs.detach()
-            out[f"layer {i} groups prior"] = p
+            out[f"order_{i}"] = q.probs.detach()  # q(z_i = k): k ordered groups of layer i on
+            out[f"order_{i} prior"] = p
         return out
 
     @torch.no_grad()
