@@ -123,6 +123,17 @@ class DynamicModel(RenamedOnCopy, nn.Module):
         the posterior is only known through draws (then PSIS-LOO applies)."""
         return None
 
+    def variational_parameters(self) -> list[nn.Parameter]:
+        """Parameters the model holds that belong to a variational posterior (e.g. the means
+        and scales of Bayesian layers): ``fit`` never applies weight decay to them, as to any
+        guide parameter. Default: none."""
+        return []
+
+    def structure_parameters(self, guide) -> list[nn.Parameter]:
+        """The parameters of the structure posterior in ``guide`` (q(d), q(z)), which
+        ``fit(warmup_epochs=...)`` holds at their initialisation. Default: none."""
+        return []
+
     def network_values(self) -> dict[str, torch.Tensor]:
         """The network's current value of every weight sample site of ``model``, by site name
         and shaped like the site (``bayesdyn.guides.init_to_network`` starts autoguides there).

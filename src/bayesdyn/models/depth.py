@@ -15,7 +15,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoGuideList, AutoNormal
+from pyro.infer.autoguide import AutoDiscreteParallel, AutoGuideList, AutoNormal
 from pyro.ops.indexing import Vindex
 from torch import nn
 
@@ -163,6 +163,13 @@ class DepthNet(DynamicModel):
                 pyro.deterministic("probs", torch.softmax(f, -1), event_dim=1)
                 return pyro.sample("y", dist.Categorical(logits=f), obs=y)
             return pyro.sample("y", dist.Normal(f.squeeze(-1), self.log_noise.exp()), obs=y)
+
+    def structure_parameters(self, guide) -> list[nn.Parameter]:
+        """q(d)'s parameters: a ``DepthGuide``'s logits, or the whole of a guide that is only
+        over the depth (e.g. ``AutoDiscreteParallel``), also inside an ``AutoGuideList``."""
+        parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+        return [p for part in parts if isinstance(part, (DepthGuide, AutoDiscreteParallel))
+                for p in part.parameters()]
 
     def network_values(self) -> dict[str, torch.Tensor]:
         if self.output_prior_scale is None:

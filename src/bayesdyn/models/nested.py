@@ -116,6 +116,18 @@ class NestedNet(DynamicModel):
             yield f"blocks.{i}.layer.weight", block.layer, block.groups
         yield "head.weight", self.net.head, 1
 
+    def variational_parameters(self) -> list[nn.Parameter]:
+        """The Gaussian weights' means and log-scales (they live on the layers, not the guide)."""
+        return [p for layer in self.net.bayes_layers().values() if layer.bayesian
+                for p in (layer.weight_mu, layer.weight_log_sigma)]
+
+    def structure_parameters(self, guide) -> list[nn.Parameter]:
+        try:
+            ordering = self.ordering_guide(guide)
+        except TypeError:  # a guide of the user's own: no known q(z)
+            return []
+        return list(ordering.rho) if ordering.learn_ordering else []
+
     def network_values(self) -> dict[str, torch.Tensor]:
         return {name: self.grouped(layer.weight_mu, groups)
                 for name, layer, groups in self.weight_groups()} if self.net.bayesian else {}
