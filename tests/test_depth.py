@@ -174,6 +174,40 @@ def test_pruning_makes_a_smaller_network_with_folded_posterior():
     assert model.backbone.max_depth == 3  # the original is untouched
 
 
+def test_pruning_keeps_every_part_of_model_and_posterior(digits):
+    """A DUN with a Bayesian output block (AutoNormal weights): the pruned net keeps the trained
+    output weights' posterior and predicts as well as before (it fell to chance when pruning
+    dropped them); a marginal-likelihood DUN keeps its exact posterior; regression its noise."""
+    from bayesdyn.inference import fit, predict
+
+    torch.manual_seed(0)
+    model = DepthNet(residual_mlp(64, 10, 32, 3, input_shape=(1, 8, 8)), num_classes=10,
+                     input_shape=(1, 8, 8), output_prior_scale=1.0)
+    guide = model.default_guide()
+    fit(model, guide, digits, epochs=4, batch_size=64, lr=3e-3, device="cpu", progress=False)
+    x, y = digits.test.tensors
+    accuracy = lambda m, g: float((predict(m, g, x, num_samples=16).mean.argmax(-1) == y)  # noqa: E731
+                                  .float().mean())
+    before = accuracy(model, guide)
+    pruned, new_guide = model.prune(guide, threshold=0.0)  # cut at depth 0: a real change
+    assert pruned.output_prior_scale == 1.0 and pruned.backbone.max_depth == 0
+    assert torch.equal(new_guide[1]._get_loc_and_scale("output.weight")[0],
+                       guide[1]._get_loc_and_scale("output.weight")[0])
+    q = model.depth_weights(guide).detach()
+    assert torch.allclose(pruned.depth_weights(new_guide), q.sum().reshape(1), atol=1e-6)
+    depth0 = accuracy(*model.prune(guide, threshold=0.0))
+    assert before > 0.8 and depth0 > 0.5  # untrained output weights would give ~0.1
+    pruned_keep, guide_keep = model.prune(guide, threshold=0.999)  # cut at the mode
+    assert accuracy(pruned_keep, guide_keep) > before - 0.05
+
+    marginal = DepthNet(residual_mlp(6, 4, 8, 3), num_classes=4, marginal=True)
+    marginal.posterior_probs.copy_(torch.tensor([0.1, 0.6, 0.2, 0.1]))
+    small, empty = marginal.prune(marginal.default_guide())
+    assert small.marginal and torch.allclose(small.posterior_probs, torch.tensor([0.1, 0.9]))
+    regression, reg_guide = random_pair("regression")
+    assert torch.equal(regression.prune(reg_guide)[0].log_noise, regression.log_noise)
+
+
 def test_guide_contract():
     model, guide = random_pair()
     with torch.no_grad():

@@ -233,7 +233,7 @@ class DepthNet(DynamicModel):
             if self.input_shape is None:
                 raise ValueError("pass x (or build the model with input_shape) to read q(d) "
                                  f"from a {type(guide).__name__}")
-            x = torch.zeros(1, *self.input_shape, device=self.prior_probs.device)
+            x = self._probe_input()
         site = pyro.poutine.trace(guide).get_trace(x[:1]).nodes.get("depth")
         if site is None or not isinstance(site["fn"], dist.Categorical):
             raise TypeError(f"{type(guide).__name__} has no categorical 'depth' site; use a "
@@ -292,11 +292,14 @@ class DepthNet(DynamicModel):
         return {"depth": self.depth_weights(guide).detach(), "depth prior": self.prior_probs}
 
     # --- pruning ------------------------------------------------------------------------------
-    def prune(self, guide: DepthGuide, threshold: float = 0.95) -> tuple[DepthNet, DepthGuide]:
+    def prune(self, guide, threshold: float = 0.95, x: torch.Tensor | None = None):
         """VDS pruning: cut at ``d* = min{d : q(d) > threshold * max q}``, drop deeper blocks
         and move their posterior (and prior) mass onto ``d*``. Returns a new, smaller model and
-        guide; the originals are untouched."""
-        q = self.depth_weights(guide).detach()
+        guide; the originals are untouched. Every part of the model and posterior carries over:
+        the likelihood and its noise, the marginal-likelihood posterior, a Bayesian output block
+        and its weight guide (``x``: an input batch to set that guide up, when the model was
+        built without ``input_shape``)."""
+        q = self.depth_weights(guide, x).detach()
         cut = int(torch.nonzero(q > threshold * q.max())[0])
         backbone = copy.deepcopy(self.backbone)
         backbone.blocks = backbone.blocks[:cut]
@@ -304,9 +307,36 @@ class DepthNet(DynamicModel):
             backbone.adapters = backbone.adapters[: cut + 1]
         fold = lambda p: torch.cat([p[:cut], p[cut:].sum(0, keepdim=True)])  # noqa: E731
         pruned = DepthNet(backbone, prior=fold(self.prior_probs).cpu(), likelihood=self.likelihood,
-                          num_classes=self.num_classes, input_shape=self.input_shape)
+                          num_classes=self.num_classes, input_shape=self.input_shape,
+                          marginal=self.marginal, output_prior_scale=self.output_prior_scale)
         if self.likelihood == "regression":
-            pruned.log_noise = nn.Parameter(self.log_noise.detach().clone())
+            pruned.log_noise = nn.Parameter(self.log_noise.detach().clone(),
+                                            requires_grad=self.log_noise.requires_grad)
         pruned.to(self.prior_probs.device)
-        new_guide = DepthGuide(pruned, init_logits=fold(q).log())
-        return pruned, new_guide.to(q.device)
+        if self.marginal:
+            pruned.posterior_probs.copy_(fold(self.posterior_probs))
+        new_guide = pruned.default_guide().to(q.device)
+        if isinstance(new_guide, EmptyGuide):
+            return pruned, new_guide
+        parts = list(new_guide) if isinstance(new_guide, AutoGuideList) else [new_guide]
+        old_parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+        if len(parts) > 1:  # set the weight guide up (labels observed), then load its values
+            probe = x[:1] if x is not None else self._probe_input()
+            labels = torch.zeros(1, device=probe.device,
+                                 dtype=torch.long if self.likelihood == "classification" else None)
+            was_training = pruned.training
+            pruned.eval()  # BatchNorm cannot run on one example in training mode
+            new_guide(probe, labels)
+            pruned.train(was_training)
+        for new, old in zip(parts, old_parts, strict=True):
+            if isinstance(new, DepthGuide):
+                with torch.no_grad():
+                    new.logits.copy_(fold(q).log())
+            else:
+                new.load_state_dict(old.state_dict())
+        return pruned, new_guide
+
+    def _probe_input(self) -> torch.Tensor:
+        if self.input_shape is None:
+            raise ValueError("pass x (an input batch) or build the model with input_shape")
+        return torch.zeros(1, *self.input_shape, device=self.prior_probs.device)
