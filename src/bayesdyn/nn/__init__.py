@@ -4,6 +4,7 @@ from .ordered import BayesConv2d, BayesLinear, OrderedBlock, OrderedNet, nested_
 from .residual import (
                        BasicBlock,
                        Bottleneck,
+                       DepthBatchNorm2d,
                        DepthStack,
                        Residual,
                        residual_mlp,
@@ -13,6 +14,6 @@ from .residual import (
                        vds_convnet,
 )
 
-__all__ = ["BasicBlock", "BayesConv2d", "BayesLinear", "Bottleneck", "DepthStack", "OrderedBlock",
-           "OrderedNet", "Residual", "nested_convnet", "nested_mlp", "resnet18_depth",
+__all__ = ["BasicBlock", "BayesConv2d", "BayesLinear", "Bottleneck", "DepthBatchNorm2d",
+           "DepthStack", "OrderedBlock", "OrderedNet", "Residual", "nested_convnet", "nested_mlp", "resnet18_depth",
            "resnet50_depth", "resnet_depth", "residual_mlp", "vds_convnet"]
