@@ -15,5 +15,5 @@ from .residual import (
 )
 
 __all__ = ["BasicBlock", "BayesConv2d", "BayesLinear", "Bottleneck", "DepthBatchNorm2d",
-           "DepthStack", "OrderedBlock", "OrderedNet", "Residual", "nested_convnet", "nested_mlp", "resnet18_depth",
-           "resnet50_depth", "resnet_depth", "residual_mlp", "vds_convnet"]
+           "DepthStack", "OrderedBlock", "OrderedNet", "Residual", "nested_convnet", "nested_mlp",
+           "resnet18_depth", "resnet50_depth", "resnet_depth", "residual_mlp", "vds_convnet"]
