@@ -41,19 +41,20 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
 def reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
                 adaptive: bool = False) -> dict[str, torch.Tensor]:
     """Per-bin ``count``, mean ``confidence`` and ``accuracy`` of the top-1 prediction, with bin
-    ``edges`` ``[n_bins + 1]``. ``adaptive=True`` uses equal-mass bins (adaptive ECE)."""
+    ``edges`` ``[n_bins + 1]``. ``adaptive=True`` uses equal-mass bins (adaptive ECE), whose
+    edges are the confidences at ranks ``i N / n_bins``; an input belongs to a bin by its value,
+    so tied confidences share a bin whatever their order (bins may then hold unequal counts)."""
     _check(probs, labels)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
-    if adaptive:
-        order = conf.argsort()
-        bin_of = torch.empty_like(order)
-        bin_of[order] = torch.arange(len(conf), device=conf.device) * n_bins // max(len(conf), 1)
-        sorted_conf = conf[order]
-        cuts = [sorted_conf[(i * len(conf)) // n_bins] for i in range(1, n_bins)] if len(conf) else []
-        edges = torch.tensor([0.0, *[float(c) for c in cuts], 1.0], dtype=torch.float64)
+    if adaptive:  # equal-mass edges from the sorted confidences; ties always share a bin
+        sorted_conf = conf.sort().values
+        cut_at = torch.arange(1, n_bins, device=conf.device) * len(conf) // n_bins
+        cuts = sorted_conf[cut_at] if len(conf) else sorted_conf.new_zeros(0)
+        bin_of = torch.searchsorted(cuts, conf, right=True)
+        edges = torch.cat([cuts.new_zeros(1), cuts, cuts.new_ones(1)]).cpu()
     else:
         edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
         bin_of = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
