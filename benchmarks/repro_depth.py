@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from common import append_results, header, mean_std
 
-from bayesdyn.data import DEFAULT_OOD, load
+from bayesdyn.data import default_ood, load
 from bayesdyn.evaluation import evaluate, measure
 from bayesdyn.inference import fit, predict, resolve_device
 from bayesdyn.models import DepthNet, DeterministicNet
@@ -114,7 +114,7 @@ def record(args, device, rows, prunes, seconds):
     lines = [*header(f"depth reproduction: DUN vs deterministic, {args.dataset}", device),
              f"- backbone: {args.arch} (depth {args.depth}, width {args.width}), Adam lr "
              f"{args.lr} cosine, batch {args.batch_size}, {args.epochs} epochs, q warm-up "
-             f"{args.warmup} epoch(s), {args.seeds} seeds; OOD = {DEFAULT_OOD.get(args.dataset)}",
+             f"{args.warmup} epoch(s), {args.seeds} seeds; OOD = {default_ood(args.dataset)}",
              "", "| method | " + " | ".join(KEYS) + " | train s |", "|---" * (len(KEYS) + 2) + "|"]
     for name, runs in rows.items():
         cells = [("{:.4f} ± {:.4f}".format(*mean_std([r[k] for r in runs]))) for k in KEYS]

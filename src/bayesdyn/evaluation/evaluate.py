@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..data import DEFAULT_OOD, load_ood
+from ..data import default_ood, load_ood
 from . import plots
 from .cost import marginal_cost, measure
 from .ood import get_score
@@ -22,12 +22,12 @@ def evaluate(model, guide, data, *, ood: str | None = "default", out=None, metho
     Returns (and, with ``out``, writes to ``out/metrics.json`` with plots in ``out/plots``) the
     metrics.json structure of design.md, plus ``budgeted_batch`` rows when there are several
     budgets and ``structure`` (posteriors over depth/width/exit) when the model has one.
-    ``ood="default"`` uses ``bayesdyn.data.DEFAULT_OOD[data.name]``; ``None`` skips OOD.
+    ``ood="default"`` uses ``bayesdyn.data.default_ood(data.name)``; ``None`` skips OOD.
     """
     from ..inference.predict import predict  # here: inference imports evaluation.metrics
 
     get_score(ood_score)  # fail on a bad score name before any work
-    ood_name = DEFAULT_OOD.get(data.name) if ood == "default" else ood
+    ood_name = default_ood(data.name, data_root) if ood == "default" else ood
     x_ood = load_ood(data, ood_name, root=data_root).tensors[0] if ood_name else None
     x_test, y_test = data.test.tensors
     run = lambda x, b: predict(model, guide, x, b, num_samples, batch_size)  # noqa: E731
