@@ -39,7 +39,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help=f"one of {', '.join(recipes.IMPLEMENTED)} (planned, not built yet: "
                             f"{', '.join(recipes.PLANNED)})")
     train.add_argument("--dataset", required=True, help="digits, fashion-mnist, mnist, kmnist, "
-                       "cifar10, cifar100 or svhn")
+                       "cifar10, cifar100, svhn; regression: diabetes, toy-1d")
     train.add_argument("--data-root", default=None, help="folder holding the dataset files")
     train.add_argument("--download", action="store_true",
                        help="let torchvision download the dataset (needs a network)")
@@ -128,8 +128,12 @@ def cmd_demo(args) -> int:
 
 
 def format_table(results: list[dict], max_budgets: int = 6) -> str:
-    """One row per (method, budget) and the marginalised model."""
-    head = f"{'method':<14} {'budget':<10} {'kFLOPs':>9} {'acc':>7} {'NLL':>7} {'ECE':>7} {'OOD AUROC':>10}"
+    """One row per (method, budget) and the marginalised model (regression: RMSE, the exact
+    mixture NLL and the moment-matched Gaussian NLL)."""
+    regression = all(r.get("task") == "regression" for r in results)
+    columns = (("rmse", "RMSE"), ("nll", "NLL"), ("nll_gaussian", "NLL Gauss")) if regression \
+        else (("accuracy", "acc"), ("nll", "NLL"), ("ece", "ECE"), ("ood_auroc", "OOD AUROC"))
+    head = f"{'method':<14} {'budget':<10} {'kFLOPs':>9} " + " ".join(f"{t:>10}" for _, t in columns)
     lines = [head, "-" * len(head)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in results:
@@ -141,8 +145,7 @@ def format_table(results: list[dict], max_budgets: int = 6) -> str:
         rows += [(b["budget"], b) for b in budgets]
         for name, m in rows:
             lines.append(f"{r['method']:<14} {name:<10} {m['flops'] / 1e3:>9.1f} "
-                         f"{fmt(m['accuracy']):>7} {fmt(m['nll']):>7} {fmt(m['ece']):>7} "
-                         f"{fmt(m['ood_auroc']):>10}")
+                         + " ".join(f"{fmt(m.get(key)):>10}" for key, _ in columns))
     return "\n".join(lines)
 
 

@@ -50,7 +50,14 @@ class Recipe:
         return asdict(self)
 
 
-def backbone(recipe: Recipe, input_shape, num_classes: int):
+def backbone(recipe: Recipe, input_shape, num_classes: int | None):
+    """The depth stack of ``recipe``; vector inputs (``input_shape = (D,)``) get DUN's fully
+    connected residual net, with one output for regression (``num_classes`` None)."""
+    outputs = 1 if num_classes is None else num_classes
+    if len(input_shape) == 1:
+        if recipe.arch not in ("auto", "mlp"):
+            raise ValueError(f"arch {recipe.arch!r} needs image inputs; {input_shape} are vectors")
+        return residual_mlp(input_shape[0], outputs, recipe.width, recipe.depth, input_relu=False)
     channels, height, width = input_shape
     arch = recipe.arch
     if arch == "auto":
@@ -74,8 +81,13 @@ def nested_backbone(recipe: Recipe, input_shape, num_classes: int):
                           bayesian=bayesian)
 
 
-def build(recipe: Recipe, input_shape, num_classes: int):
-    """``(model, guide)`` for ``recipe`` on inputs of ``input_shape``."""
+def build(recipe: Recipe, input_shape, num_classes: int | None):
+    """``(model, guide)`` for ``recipe`` on inputs of ``input_shape`` (``num_classes`` None:
+    regression, a Gaussian likelihood with a learned noise scale)."""
+    likelihood = "classification" if num_classes is not None else "regression"
+    if likelihood == "regression" and recipe.method not in ("deterministic", "depth"):
+        raise ValueError(f"method {recipe.method!r} is for classification; regression datasets "
+                         "work with: deterministic, depth")
     if recipe.method in ("nested", "nested-dropout"):
         net = nested_backbone(recipe, input_shape, num_classes)
         model = NestedNet(net, num_classes, keep_prob=recipe.keep_prob, input_shape=input_shape,
@@ -84,8 +96,10 @@ def build(recipe: Recipe, input_shape, num_classes: int):
         return model, NestedGuide(model, learn_ordering=recipe.method == "nested",
                                   gumbel_logits=recipe.gumbel_logits)
     stack = backbone(recipe, input_shape, num_classes)
-    if recipe.method == "deterministic":  # the same backbone at full depth, plain cross-entropy
-        model = DeterministicNet(stack.truncated(stack.max_depth), num_classes, input_shape)
+    if recipe.method == "deterministic":  # the same backbone at full depth, maximum likelihood
+        model = DeterministicNet(stack.truncated(stack.max_depth), num_classes, input_shape,
+                                 likelihood=likelihood)
         return model, EmptyGuide(model)
-    model = DepthNet(stack, prior=recipe.prior, num_classes=num_classes, input_shape=input_shape)
+    model = DepthNet(stack, prior=recipe.prior, likelihood=likelihood, num_classes=num_classes,
+                     input_shape=input_shape)
     return model, DepthGuide(model)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def check_inputs(x, y=None, num_classes: int | None = None, input_shape=None, what: str = "x"):
+def check_inputs(x, y=None, num_classes: int | None = None, input_shape=None, what: str = "x",
+                 regression: bool = False):
     """Validate a batch: ``x`` a float tensor ``[B, *input_shape]`` without NaN/Inf, ``y`` integer
-    labels ``[B]`` in ``[0, num_classes)``. Raises ``TypeError``/``ValueError``."""
+    labels ``[B]`` in ``[0, num_classes)`` (``regression``: real targets ``[B]``). Raises
+    ``TypeError``/``ValueError``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -25,6 +27,9 @@ def check_inputs(x, y=None, num_classes: int | None = None, input_shape=None, wh
     if y.shape != x.shape[:1]:
         raise ValueError(f"labels have shape {tuple(y.shape)}, expected [{x.shape[0]}] "
                          f"(one label per row of {what})")
+    if regression and not y.is_floating_point():
+        raise TypeError(f"regression targets must be a floating-point tensor, got {y.dtype}; "
+                        "convert with y.float()")
     if num_classes is None:
         return
     if y.is_floating_point() or y.dtype == torch.bool:

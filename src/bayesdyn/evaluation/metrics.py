@@ -7,6 +7,8 @@ confidence of exactly 1.0 is counted (the MSDNet/WACV code drops it, methods.md 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 EPS = 1e-12
@@ -102,3 +104,31 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor,
     return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels),
             "brier": brier(probs, labels), "ece": ece(probs, labels, n_bins),
             "adaptive_ece": ece(probs, labels, n_bins, adaptive=True)}
+
+
+def mixture_moments(log_weights: torch.Tensor, means: torch.Tensor, scale) -> tuple:
+    """Mean and variance ``[N]`` of the Gaussian mixture ``sum_k w_k N(means[k], scale^2)``
+    (``log_weights [K]``, ``means [K, N]``, ``scale`` a number or ``[K, N]``)."""
+    w = log_weights.double().exp()[:, None]
+    means = means.double()
+    mean = (w * means).sum(0)
+    second = (w * (torch.as_tensor(scale, dtype=torch.float64) ** 2 + means**2)).sum(0)
+    return mean, (second - mean**2).clamp_min(0)
+
+
+def regression_metrics(log_weights: torch.Tensor, means: torch.Tensor, scale, y: torch.Tensor,
+                       target_std: float = 1.0) -> dict[str, float]:
+    """Dataset-level metrics of a Gaussian-mixture predictive on standardised targets ``y [N]``,
+    in the original units (``target_std`` undoes the scaling): ``rmse`` of the predictive mean,
+    ``nll`` under the exact mixture, ``nll_gaussian`` under the moment-matched Gaussian (the one
+    DUN's tables use)."""
+    y = y.double()
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    mean, var = mixture_moments(log_weights, means, scale)
+    log_units = math.log(target_std)
+    component = torch.distributions.Normal(means.double(), scale).log_prob(y)  # [K, N]
+    log_p = torch.logsumexp(log_weights.double()[:, None] + component, 0)
+    gauss = torch.distributions.Normal(mean, var.sqrt()).log_prob(y)
+    return {"rmse": float(((mean - y) ** 2).mean().sqrt()) * target_std,
+            "nll": float(-log_p.mean()) + log_units,
+            "nll_gaussian": float(-gauss.mean()) + log_units}

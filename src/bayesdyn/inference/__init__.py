@@ -3,10 +3,10 @@
 from ..validation import check_inputs, resolve_device
 from .checkpoint import atomic_save, load_checkpoint
 from .fit import FitConfig, History, TrainingDivergedError, fit
-from .predict import Prediction, predict
+from .predict import NormalMixture, Prediction, predict, predict_normal
 
-__all__ = ["FitConfig", "History", "Prediction", "TrainingDivergedError", "atomic_save",
-           "check_inputs", "fit", "load_checkpoint", "loo", "predict", "resolve_device",
+__all__ = ["FitConfig", "History", "NormalMixture", "Prediction", "TrainingDivergedError", "atomic_save",
+           "check_inputs", "fit", "load_checkpoint", "loo", "predict", "predict_normal", "resolve_device",
            "to_datatree"]
 
 

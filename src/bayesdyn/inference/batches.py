@@ -40,8 +40,8 @@ class TensorSource:
     def head(self, k: int = 2):
         return self.x[:k], self.y[:k]
 
-    def check(self, num_classes, input_shape, what: str) -> None:
-        check_inputs(self.x, self.y, num_classes, input_shape, what=what)
+    def check(self, num_classes, input_shape, what: str, regression: bool = False) -> None:
+        check_inputs(self.x, self.y, num_classes, input_shape, what=what, regression=regression)
 
     def batches(self, epoch: int, seed: int, batch_size: int, start_step: int = 0,
                 epoch_rng=None):
@@ -80,9 +80,10 @@ class LoaderSource:
         x, y = self._move(next(iter(self.loader)))
         return x[:k], y[:k]
 
-    def check(self, num_classes, input_shape, what: str) -> None:
+    def check(self, num_classes, input_shape, what: str, regression: bool = False) -> None:
         x, y = self.head(len(self.loader.dataset))  # the first batch: a loader is not scanned
-        check_inputs(x, y, num_classes, input_shape, what=f"{what} (first batch)")
+        check_inputs(x, y, num_classes, input_shape, what=f"{what} (first batch)",
+                     regression=regression)
 
     def batches(self, epoch: int, seed: int, batch_size: int, start_step: int = 0,
                 epoch_rng=None):

@@ -62,7 +62,7 @@ def to_datatree(model, guide, x: torch.Tensor, y: torch.Tensor, num_samples: int
     chains = [_draws(m, g, x, y, num_samples, seed + i, weights, predict_x)
               for i, (m, g) in enumerate(pairs)]
     group_names = ["posterior", "prior", "posterior_predictive", "log_likelihood"]
-    if predict_x is not None:
+    if predict_x is not None and chains[0]["predictions"]:  # regression models have no probs
         group_names.append("predictions")
     groups = {name: {k: np.stack([c[name][k] for c in chains]) for k in chains[0][name]}
               for name in group_names}

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..evaluation.metrics import regression_metrics
 from ..validation import resolve_device
 from .batches import augment, training_sources
 from .checkpoint import CHECKPOINT, atomic_save, load_checkpoint, rng_state, set_rng_state
-from .predict import _EvalMode, predict
+from .predict import _EvalMode, predict, predict_normal
 from .progress import Progress
 
 
@@ -143,9 +144,10 @@ class Trainer:
         self.out = Path(out) if out is not None else None
         train, val = training_sources(data, val)
         classes, shape = getattr(model, "num_classes", None), getattr(model, "input_shape", None)
-        train.check(classes, shape, "training inputs")
+        regression = getattr(model, "likelihood", "classification") == "regression"
+        train.check(classes, shape, "training inputs", regression)
         if val is not None:
-            val.check(classes, shape, "validation inputs")
+            val.check(classes, shape, "validation inputs", regression)
         _seed_everything(config.seed)
         self.model, self.guide = model.to(device), guide.to(device)
         self.train_data, self.val_data = train.to(device), None if val is None else val.to(device)
@@ -362,11 +364,16 @@ class Trainer:
         return not stop
 
     def _validate(self) -> dict:
-        """Validation accuracy and NLL (dataset-level) of the structure-marginalised predictive."""
+        """Validation accuracy and NLL (regression: RMSE and NLL), dataset-level, of the
+        structure-marginalised predictive."""
         if self.val_data is None:
             return {}
-        if getattr(self.model, "likelihood", "classification") != "classification":
-            return self.model.validation_metrics(self.guide, self.val_data)
+        if getattr(self.model, "likelihood", "classification") == "regression":
+            x, y = (torch.cat(parts) for parts in zip(*self.val_data.all_batches(2048),
+                                                       strict=True))
+            pred = predict_normal(self.model, self.guide, x)
+            m = regression_metrics(pred.log_weights, pred.means, pred.scale, y.cpu())
+            return {"val_rmse": m["rmse"], "val_nll": m["nll"]}  # standardised units
         hits, nll, n = 0.0, 0.0, 0
         for xb, yb in self.val_data.all_batches(2048):
             mean = predict(self.model, self.guide, xb, num_samples=4).mean

@@ -59,6 +59,7 @@ class DynamicModel(RenamedOnCopy, nn.Module):
 
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None  # checked at the public boundary when known
+    likelihood: str = "classification"  # or "regression": then regression_mixture, not predict_probs
     # The Pyro ELBO that serves as reference for this family's fast path.
     reference_elbo: type[pyro.infer.ELBO] = pyro.infer.Trace_ELBO
     max_plate_nesting: int = 1
@@ -69,7 +70,8 @@ class DynamicModel(RenamedOnCopy, nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
                 dataset_size: int | None = None):
-        check_inputs(x, y, self.num_classes, self.input_shape)
+        check_inputs(x, y, self.num_classes, self.input_shape,
+                     regression=self.likelihood == "regression")
         register_parameters(self)  # so SVI + pyro.optim train the weights
         return self.model(x, y, dataset_size)
 
@@ -108,6 +110,11 @@ class DynamicModel(RenamedOnCopy, nn.Module):
                       num_samples: int = 1) -> PredictiveSamples:
         """Class probabilities at ``budget`` (``None``: marginalised over the structure) as
         weighted samples ``[S, B, C]``."""
+        raise NotImplementedError
+
+    def regression_mixture(self, guide, x: torch.Tensor, budget: Budget | None = None):
+        """Regression families: the Gaussian-mixture predictive ``(log_weights [K],
+        means [K, B], scale)`` at ``budget`` (``None``: marginalised over the structure)."""
         raise NotImplementedError
 
     def prepare_evaluation(self, train, guide=None) -> None:

@@ -243,7 +243,8 @@ class DepthNet(DynamicModel):
     def predict_probs(self, guide, x, budget=None, num_samples=1) -> PredictiveSamples:
         """Exact: per-depth probabilities weighted by ``q(d)`` (marginal) or one depth."""
         if self.likelihood != "classification":
-            raise NotImplementedError("use predict_regression for a regression DepthNet")
+            raise TypeError("a regression DepthNet has no class probabilities: use "
+                            "regression_mixture (or bayesdyn.inference.predict_normal)")
         if self.output_prior_scale is not None:  # weight draws through Pyro, depth from q or fixed
             condition = None if budget is None else {"depth": torch.tensor(budget.setting)}
             trace, _ = vectorized_trace(self, guide, x, None, num_samples, condition)
@@ -255,13 +256,17 @@ class DepthNet(DynamicModel):
         logits = self.backbone.truncated(budget.setting)(x)
         return PredictiveSamples.equal(torch.softmax(logits, -1)[None])
 
-    def predict_regression(self, guide, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixture mean and variance ``[B]`` of the depth-marginal Gaussian predictive."""
-        q = self.depth_weights(guide, x)[:, None]
-        mu = self.backbone(x).squeeze(-1)  # [D+1, B]
-        mean = (q * mu).sum(0)
-        var = self.log_noise.exp() ** 2 + (q * mu**2).sum(0) - mean**2
-        return mean, var
+    def regression_mixture(self, guide, x, budget: Budget | None = None):
+        """The Gaussian-mixture predictive of a regression DepthNet: ``(log_weights [K],
+        means [K, B], scale)``, over the depths weighted by ``q(d)`` (``budget=None``) or the one
+        depth of ``budget`` (``K = 1``)."""
+        if self.likelihood != "regression":
+            raise TypeError("regression_mixture is for DepthNet(likelihood='regression')")
+        if budget is not None:
+            means = self.backbone.truncated(budget.setting)(x).squeeze(-1)[None]
+            return means.new_zeros(1), means, self.log_noise.exp()
+        return (self.depth_weights(guide, x).log(), self.backbone(x).squeeze(-1),
+                self.log_noise.exp())
 
     @torch.no_grad()
     def update_posterior(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
