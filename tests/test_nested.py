@@ -192,7 +192,7 @@ def test_user_ordering_prior_and_errors():
         NestedNet(net, 3, ordering_prior=TruncatedGeometric(0.5, 5))
     with pytest.raises(ValueError, match="keep_prob"):
         NestedNet(net, 3, keep_prob=1.5)
-    with pytest.raises(ValueError, match="equal groups"):
+    with pytest.raises(ValueError, match="groups cannot share equally"):
         nested_mlp(6, 3, hidden=(10,), groups=4)
 
 

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .distributions.weight_priors import WEIGHT_PRIORS
 from .guides import DepthGuide, EmptyGuide, NestedGuide
 from .models import DepthNet, DeterministicNet, NestedNet
 from .nn import (
-                 nested_convnet,
-                 nested_mlp,
-                 residual_mlp,
-                 resnet18_depth,
-                 resnet50_depth,
-                 vds_convnet,
+    nested_convnet,
+    nested_mlp,
+    residual_mlp,
+    resnet18_depth,
+    resnet50_depth,
+    vds_convnet,
 )
+from .validation import check_int, check_real
 
 IMPLEMENTED = ("deterministic", "depth", "nested", "nested-dropout")
 PLANNED = ("exits", "boosted-exits", "ensemble")
 ARCHS = ("mlp", "conv", "resnet18", "resnet50")
+REGRESSION_METHODS = ("deterministic", "depth")  # the methods with a Gaussian likelihood
 
 
 @dataclass
@@ -43,8 +46,22 @@ class Recipe:
                              f"{', '.join(IMPLEMENTED)}")
         if self.arch not in ("auto", *ARCHS):
             raise ValueError(f"unknown arch {self.arch!r}; choose one of auto, {', '.join(ARCHS)}")
-        if self.depth < 1 or self.width < 1:
-            raise ValueError(f"depth and width must be >= 1, got {self.depth}, {self.width}")
+        check_int("depth", self.depth, 1)
+        check_int("width", self.width, 1)
+        if self.prior not in ("uniform", "decaying"):
+            raise ValueError(f"unknown depth prior {self.prior!r}; choose uniform or decaying")
+        check_real("keep_prob", self.keep_prob, 0, 1, open_low=True, open_high=True)
+        if self.weight_prior not in WEIGHT_PRIORS:
+            raise ValueError(f"unknown weight prior {self.weight_prior!r}; choose one of "
+                             f"{', '.join(WEIGHT_PRIORS)}")
+        check_real("prior_scale", self.prior_scale, 0, open_low=True)
+        check_real("kl_weight", self.kl_weight, 0)
+        if self.gumbel_logits not in ("log_probs", "probs"):
+            raise ValueError(f"gumbel_logits must be 'log_probs' or 'probs', got "
+                             f"{self.gumbel_logits!r}")
+        if self.method in ("nested", "nested-dropout") and self.width % 16:
+            raise ValueError(f"nested methods cut every layer into 16 unit groups: --width must "
+                             f"be a multiple of 16 (32 for the conv net), got {self.width}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,9 +102,9 @@ def build(recipe: Recipe, input_shape, num_classes: int | None):
     """``(model, guide)`` for ``recipe`` on inputs of ``input_shape`` (``num_classes`` None:
     regression, a Gaussian likelihood with a learned noise scale)."""
     likelihood = "classification" if num_classes is not None else "regression"
-    if likelihood == "regression" and recipe.method not in ("deterministic", "depth"):
+    if likelihood == "regression" and recipe.method not in REGRESSION_METHODS:
         raise ValueError(f"method {recipe.method!r} is for classification; regression datasets "
-                         "work with: deterministic, depth")
+                         f"work with: {', '.join(REGRESSION_METHODS)}")
     if recipe.method in ("nested", "nested-dropout"):
         net = nested_backbone(recipe, input_shape, num_classes)
         model = NestedNet(net, num_classes, keep_prob=recipe.keep_prob, input_shape=input_shape,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -59,3 +61,27 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {name!r}; use auto, cpu or cuda[:N]")
     return dev
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an int (not a bool or float), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None
+                                                                 and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"invalid {name}={value!r}: expected an integer{bound}")
+    return value
+
+
+def check_real(name: str, value, low: float | None = None, high: float | None = None,
+               open_low: bool = False, open_high: bool = False) -> float:
+    """``value`` as a finite float in the interval given (``open_*``: the bound excluded)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if ok and high is not None:
+        ok = value < high if open_high else value <= high
+    if not ok:
+        interval = ("(" if open_low else "[") + ("-inf" if low is None else f"{low:g}") + ", " \
+            + ("inf" if high is None else f"{high:g}") + (")" if open_high or high is None else "]")
+        raise ValueError(f"invalid {name}={value!r}: expected a finite number in {interval}")
+    return float(value)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from ..data import default_ood, load_ood
+from ..validation import check_inputs
 from . import plots
 from .cost import marginal_cost, measure
 from .metrics import regression_metrics
@@ -32,6 +31,10 @@ def evaluate(model, guide, data, *, ood: str | None = "default", out=None, metho
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     regression = getattr(model, "likelihood", "classification") == "regression"
+    check_inputs(*data.test.tensors, getattr(model, "num_classes", None),
+                 getattr(model, "input_shape", None), what="test inputs", regression=regression)
+    if len(data.test) == 0:
+        raise ValueError(f"the test split of {data.name} is empty: nothing to evaluate")
     if not regression:
         get_score(ood_score)  # fail on a bad score name before any work
     ood_name = None if regression else (default_ood(data.name, data_root) if ood == "default"
@@ -55,6 +58,8 @@ def evaluate(model, guide, data, *, ood: str | None = "default", out=None, metho
     if structure:
         metrics["structure"] = structure
     if out is not None:
+        from ..inference.checkpoint import write_json  # inference imports evaluation
+
         write_json(Path(out) / "metrics.json", metrics)
         write_plots(Path(out) / "plots", metrics, model, guide, data, marginal_preds, n_bins,
                     ood_score)
@@ -100,14 +105,6 @@ def _regression(model, guide, data, budgets, batch_size) -> dict:
 
     rows = [{"budget": b.name, "flops": b.flops, "params": b.params, **score(b)} for b in budgets]
     return {"task": "regression", "marginal": score(None), "budgets": rows}
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def write_plots(folder: Path, metrics, model, guide, data, marginal_preds, n_bins,

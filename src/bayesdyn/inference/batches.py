@@ -31,8 +31,9 @@ class TensorSource:
     def __len__(self) -> int:
         return len(self.x)
 
-    def to(self, device) -> TensorSource:
-        return TensorSource(self.x.to(device), self.y.to(device))
+    def to(self, device, dtype=None) -> TensorSource:
+        """On ``device``, inputs in ``dtype`` (the model's: float64 data meets float32 weights)."""
+        return TensorSource(self.x.to(device, dtype), self.y.to(device))
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self) / batch_size)
@@ -58,14 +59,14 @@ class TensorSource:
 class LoaderSource:
     """A ``DataLoader`` of ``(x, y)`` batches; its own batch size applies."""
 
-    def __init__(self, loader: DataLoader, device=None):
-        self.loader, self.device = loader, device
+    def __init__(self, loader: DataLoader, device=None, dtype=None):
+        self.loader, self.device, self.dtype = loader, device, dtype
 
     def __len__(self) -> int:
         return len(self.loader.dataset)
 
-    def to(self, device) -> LoaderSource:
-        return LoaderSource(self.loader, device)
+    def to(self, device, dtype=None) -> LoaderSource:
+        return LoaderSource(self.loader, device, dtype)
 
     def num_batches(self, batch_size: int) -> int:
         return len(self.loader)
@@ -74,7 +75,8 @@ class LoaderSource:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError("a DataLoader for fit must yield (x, y) pairs of tensors")
         pin = self.device is not None and torch.device(self.device).type == "cuda"
-        return tuple(t.to(self.device, non_blocking=pin) for t in batch)
+        x, y = batch
+        return x.to(self.device, self.dtype, non_blocking=pin), y.to(self.device, non_blocking=pin)
 
     def head(self, k: int = 2):
         x, y = self._move(next(iter(self.loader)))

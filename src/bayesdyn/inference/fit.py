@@ -17,7 +17,6 @@ point-estimate weights (never a guide's or a model-held variational parameter, s
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import signal
@@ -31,7 +30,15 @@ import torch
 from ..evaluation.metrics import regression_metrics
 from ..validation import resolve_device
 from .batches import augment, training_sources
-from .checkpoint import CHECKPOINT, atomic_save, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (
+    CHECKPOINT,
+    atomic_save,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    set_rng_state,
+    write_json,
+)
 from .predict import _EvalMode, predict, predict_normal
 from .progress import Progress
 
@@ -142,6 +149,8 @@ class Trainer:
     def __init__(self, model, guide, data, val, config: FitConfig, device, out, progress):
         self.config, self.device = config, device
         self.out = Path(out) if out is not None else None
+        if self.out is not None and self.out.is_dir():
+            remove_stale_temporaries(self.out)  # left by a killed run
         train, val = training_sources(data, val)
         classes, shape = getattr(model, "num_classes", None), getattr(model, "input_shape", None)
         regression = getattr(model, "likelihood", "classification") == "regression"
@@ -150,7 +159,9 @@ class Trainer:
             val.check(classes, shape, "validation inputs", regression)
         _seed_everything(config.seed)
         self.model, self.guide = model.to(device), guide.to(device)
-        self.train_data, self.val_data = train.to(device), None if val is None else val.to(device)
+        dtype = next(model.parameters()).dtype
+        self.train_data = train.to(device, dtype)
+        self.val_data = None if val is None else val.to(device, dtype)
         self.n = len(train)
         self.loss_fn, objective = self._objective()
         self.history = History(objective=objective)
@@ -217,9 +228,7 @@ class Trainer:
         if self.out is None:
             return
         atomic_save(self.state(epoch, step, running), self.out / CHECKPOINT)
-        tmp = self.out / ".history.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.history), indent=1))
-        tmp.replace(self.out / "history.json")
+        write_json(self.out / "history.json", asdict(self.history))
 
     def restore(self) -> None:
         if self.out is None:

@@ -46,14 +46,16 @@ def predict(model, guide, x: torch.Tensor, budget=None, num_samples: int = 8,
     """Predictive distribution of ``model`` at ``budget`` (``None``: marginalised over the
     structure) for inputs ``x [N, ...]``, ``num_samples`` posterior draws per input, evaluated
     in chunks of ``batch_size`` inputs (memory stays bounded for large ``N``)."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     check_inputs(x, input_shape=getattr(model, "input_shape", None))
-    device = next(model.parameters()).device
+    if len(x) == 0:
+        raise ValueError("x is empty: pass at least one input to predict")
+    param = next(model.parameters())
     chunks, weights = [], None
     with _EvalMode(model, guide):
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(device, non_blocking=True)
+        for start in range(0, len(x), batch_size):  # inputs take the model's device and dtype
+            xb = x[start:start + batch_size].to(param.device, param.dtype, non_blocking=True)
             samples = model.predict_probs(guide, xb, budget=budget, num_samples=num_samples)
             chunks.append(samples.probs.float().cpu())
             weights = samples.weights.double().cpu() if weights is None else weights
@@ -90,11 +92,13 @@ def predict_normal(model, guide, x: torch.Tensor, budget=None,
     if getattr(model, "likelihood", "classification") != "regression":
         raise TypeError(f"{type(model).__name__} is not a regression model: use predict")
     check_inputs(x, input_shape=getattr(model, "input_shape", None))
-    device = next(model.parameters()).device
+    if len(x) == 0:
+        raise ValueError("x is empty: pass at least one input to predict")
+    param = next(model.parameters())
     means = []
     with _EvalMode(model, guide):
         for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(device, non_blocking=True)
+            xb = x[start:start + batch_size].to(param.device, param.dtype, non_blocking=True)
             log_weights, m, scale = model.regression_mixture(guide, xb, budget)
             means.append(m.float().cpu())
     return NormalMixture(log_weights.float().cpu(), torch.cat(means, 1), scale.float().cpu())

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..params import RenamedOnCopy, register_parameters, unique_name
-from ..validation import check_inputs
+from ..validation import check_inputs, check_int
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,10 @@ class DynamicModel(RenamedOnCopy, nn.Module):
                 dataset_size: int | None = None):
         check_inputs(x, y, self.num_classes, self.input_shape,
                      regression=self.likelihood == "regression")
+        dtype = next(self.parameters()).dtype
+        x = x.to(dtype)  # float64 data meets float32 weights here, not deep inside a layer
+        if y is not None and y.is_floating_point():
+            y = y.to(dtype)
         register_parameters(self)  # so SVI + pyro.optim train the weights
         return self.model(x, y, dataset_size)
 
@@ -150,6 +154,38 @@ class DynamicModel(RenamedOnCopy, nn.Module):
     def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
         """Posterior over the structure, e.g. ``{"depth": q(d) [D+1]}`` (may be empty)."""
         return {}
+
+
+def output_size(net: nn.Module) -> int | None:
+    """Outputs of the last linear layer of ``net`` (``None`` when it has none)."""
+    last = None
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            last = module.out_features
+        elif hasattr(module, "weight_mu") and module.weight_mu.dim() == 2:  # BayesLinear
+            last = module.weight_mu.shape[0]
+    return last
+
+
+def check_output_size(net: nn.Module, expected: int | None, what: str = "network") -> None:
+    """The last linear layer of ``net`` must give ``expected`` outputs (the classes, or 1 for
+    regression): a 10-output backbone must not silently train as a 20-class model."""
+    last = output_size(net)
+    if expected is not None and last is not None and last != expected:
+        raise ValueError(f"the {what} has {last} outputs but {expected} are needed (num_classes "
+                         f"or 1 for regression); build it with {expected} outputs")
+
+
+def classes_of(net: nn.Module, num_classes: int | None, what: str = "network") -> int:
+    """``num_classes`` checked against ``net``'s outputs, or read off them when ``None``."""
+    if num_classes is None:
+        num_classes = output_size(net)
+        if num_classes is None:
+            raise ValueError(f"pass num_classes: the {what} has no final linear layer to read "
+                             "it from")
+    check_int("num_classes", num_classes, 2)
+    check_output_size(net, num_classes, what)
+    return num_classes
 
 
 def vectorized_trace(model, guide, x, y=None, num_samples: int = 1, condition: dict | None = None):

@@ -24,7 +24,16 @@ from ..guides.empty import EmptyGuide
 from ..guides.init import init_to_network
 from ..nn.residual import DepthStack
 from ..params import give_unique_name
-from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorized_trace
+from ..validation import check_real
+from .base import (
+    Budget,
+    DynamicModel,
+    PredictiveSamples,
+    check_output_size,
+    classes_of,
+    data_plate,
+    vectorized_trace,
+)
 
 VDS_DECAY = 0.85
 
@@ -114,6 +123,12 @@ class DepthNet(DynamicModel):
             raise TypeError("backbone must be a bayesdyn.nn.DepthStack (one output per depth)")
         if likelihood not in ("classification", "regression"):
             raise ValueError(f"likelihood must be 'classification' or 'regression', got {likelihood!r}")
+        if likelihood == "classification":
+            num_classes = classes_of(backbone.output_block, num_classes, "backbone")
+        else:
+            check_output_size(backbone.output_block, 1, "backbone")
+        if noise_scale is not None:
+            check_real("noise_scale", noise_scale, 0, open_low=True)
         self.backbone = backbone
         self.likelihood = likelihood
         self.input_shape = tuple(input_shape) if input_shape is not None else None

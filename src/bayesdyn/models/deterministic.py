@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..guides.empty import EmptyGuide
-from .base import Budget, DynamicModel, PredictiveSamples, data_plate
+from ..validation import check_real
+from .base import Budget, DynamicModel, PredictiveSamples, check_output_size, classes_of, data_plate
 
 
 class DeterministicNet(DynamicModel):
@@ -24,11 +25,17 @@ class DeterministicNet(DynamicModel):
             ``noise_scale`` is given).
     """
 
-    def __init__(self, net: nn.Module, num_classes: int | None, input_shape=None,
+    def __init__(self, net: nn.Module, num_classes: int | None = None, input_shape=None,
                  likelihood: str = "classification", noise_scale: float | None = None):
         super().__init__()
         if likelihood not in ("classification", "regression"):
             raise ValueError(f"likelihood must be 'classification' or 'regression', got {likelihood!r}")
+        if likelihood == "classification":
+            num_classes = classes_of(net, num_classes)
+        else:
+            check_output_size(net, 1)
+        if noise_scale is not None:
+            check_real("noise_scale", noise_scale, 0, open_low=True)
         self.net, self.likelihood = net, likelihood
         self.num_classes = num_classes if likelihood == "classification" else None
         self.input_shape = tuple(input_shape) if input_shape is not None else None

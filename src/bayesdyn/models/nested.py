@@ -34,7 +34,15 @@ from ..distributions import weight_prior as _weight_prior
 from ..distributions.weight_priors import log_alpha
 from ..guides.nested import NestedGuide
 from ..nn.ordered import OrderedNet
-from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorized_trace
+from ..validation import check_real
+from .base import (
+    Budget,
+    DynamicModel,
+    PredictiveSamples,
+    classes_of,
+    data_plate,
+    vectorized_trace,
+)
 
 NUM_WIDTHS = 16  # widths 1 - i/15, i = 0..15 (BNNN's evaluation grid)
 
@@ -66,16 +74,17 @@ class NestedNet(DynamicModel):
     MARGINAL_ORDERINGS = 8  # orderings drawn from q(z) and calibrated for the marginal
     reference_elbo = pyro.infer.TraceMeanField_ELBO
 
-    def __init__(self, net: OrderedNet, num_classes: int, keep_prob: float = 0.95,
+    def __init__(self, net: OrderedNet, num_classes: int | None = None, keep_prob: float = 0.95,
                  ordering_prior=None, prior_scale: float = 1.0, temperature: float = 2.0,
                  kl_weight: float = 1.0, input_shape=None, weight_prior: str = "gaussian"):
         super().__init__()
         if not isinstance(net, OrderedNet):
             raise TypeError("net must be a bayesdyn.nn.OrderedNet (nested_mlp / nested_convnet)")
-        if not 0.0 < keep_prob < 1.0:
-            raise ValueError(f"keep_prob must be in (0, 1), got {keep_prob}")
-        if prior_scale <= 0 or temperature <= 0 or kl_weight < 0:
-            raise ValueError("prior_scale and temperature must be positive, kl_weight >= 0")
+        check_real("keep_prob", keep_prob, 0, 1, open_low=True, open_high=True)
+        check_real("prior_scale", prior_scale, 0, open_low=True)
+        check_real("temperature", temperature, 0, open_low=True)
+        check_real("kl_weight", kl_weight, 0)
+        num_classes = classes_of(net, num_classes, "ordered network")
         self.net, self.num_classes = net, num_classes
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.temperature = temperature

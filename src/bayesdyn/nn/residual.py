@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..validation import check_int
+
 
 class Residual(nn.Module):
     """``a + f(a)``."""
@@ -172,6 +174,9 @@ def residual_mlp(in_features: int, out_features: int, width: int = 100, depth: i
     - ``residual=False``: without skip connections (DUN's "DUN (MLP)" variant).
 
     ``input_shape`` (e.g. ``(1, 8, 8)``) flattens image inputs first."""
+    for name, value, low in (("in_features", in_features, 1), ("out_features", out_features, 1),
+                             ("width", width, 1), ("depth", depth, 0)):
+        check_int(name, value, low)
     flatten = [nn.Flatten()] if input_shape is not None and len(input_shape) > 1 else []
     input_block = nn.Sequential(*flatten, nn.Linear(in_features, width),
                                 *([nn.ReLU()] if input_relu else []))
@@ -195,6 +200,9 @@ def vds_convnet(in_channels: int, num_classes: int, depth: int = 10, channels: i
     """VDS's image net: 5x5 conv + 2x2 average pool, ``depth`` bottleneck blocks at one
     resolution, global mean pool + linear shared by all depths. (VDS's output block also has a
     residual MLP block with BatchNorm; it is left out so the shared head is example-wise.)"""
+    for name, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 1),
+                             ("depth", depth, 0), ("channels", channels, 1), ("hidden", hidden, 1)):
+        check_int(name, value, low)
     input_block = nn.Sequential(nn.Conv2d(in_channels, channels, 5, padding=2), nn.AvgPool2d(2))
     blocks = [_bottleneck(channels, hidden) for _ in range(depth)]
     # Each depth's final BN-ReLU is its own adapter, so the shared head has no BatchNorm.
@@ -271,6 +279,9 @@ def resnet_depth(in_channels: int, num_classes: int, stages=(2, 2, 2, 2),
     ``resnet18_depth`` / ``resnet50_depth`` are the two standard settings."""
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {', '.join(BLOCKS)}, got {block!r}")
+    check_int("in_channels", in_channels, 1), check_int("num_classes", num_classes, 1)
+    for i, (n, w) in enumerate(zip(stages, widths, strict=False)):
+        check_int(f"stages[{i}]", n, 1), check_int(f"widths[{i}]", w, 1)
     if len(stages) != len(widths) or not 0 <= shared_stages < len(stages):
         raise ValueError("need one width per stage and 0 <= shared_stages < number of stages")
     if adapters not in ("dun", "per-depth") or head_statistics not in ("per-depth", "pooled"):
