@@ -134,6 +134,16 @@ class DynamicModel(RenamedOnCopy, nn.Module):
         the posterior is only known through draws (then PSIS-LOO applies)."""
         return None
 
+    def structure_sites(self) -> list[str]:
+        """Names of the sample sites of the latent structure (depth, orderings, ...)."""
+        return []
+
+    def structure_guide(self, blocked_model):
+        """The family's own guide of the structure sites, for ``blocked_model`` (this model
+        with only those sites exposed), to compose with a weight guide in an
+        ``AutoGuideList`` (see ``bayesdyn.guides.weight_autoguide``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent structure")
+
     def variational_parameters(self) -> list[nn.Parameter]:
         """Parameters the model holds that belong to a variational posterior (e.g. the means
         and scales of Bayesian layers): ``fit`` never applies weight decay to them, as to any

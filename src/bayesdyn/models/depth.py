@@ -14,16 +14,14 @@ import copy
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.infer.autoguide import AutoDiscreteParallel, AutoGuideList, AutoNormal
 from pyro.ops.indexing import Vindex
 from torch import nn
 
 from ..guides.depth import DepthGuide
 from ..guides.empty import EmptyGuide
-from ..guides.init import init_to_network
+from ..guides.init import weight_autoguide
 from ..nn.residual import DepthStack
-from ..params import give_unique_name
 from ..validation import check_real
 from .base import (
     Budget,
@@ -156,11 +154,13 @@ class DepthNet(DynamicModel):
             return EmptyGuide(self)
         if self.output_prior_scale is None:
             return DepthGuide(self)
-        guide = give_unique_name(AutoGuideList(self))
-        guide.append(DepthGuide(poutine.block(self, expose=["depth"]), self.num_depths))
-        guide.append(AutoNormal(poutine.block(self, hide=["depth"]), init_scale=1e-3,
-                                init_loc_fn=init_to_network(self)))
-        return guide
+        return weight_autoguide(self, AutoNormal)
+
+    def structure_sites(self) -> list[str]:
+        return ["depth"]
+
+    def structure_guide(self, blocked_model) -> DepthGuide:
+        return DepthGuide(blocked_model, self.num_depths)
 
     # --- Pyro model ---------------------------------------------------------------------------
     def model(self, x, y=None, dataset_size=None):

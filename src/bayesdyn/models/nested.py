@@ -151,6 +151,12 @@ class NestedNet(DynamicModel):
     def group_plate(name: str, groups: int):
         return pyro.plate(f"{name}_groups", groups, dim=-1)
 
+    def structure_sites(self) -> list[str]:
+        return [f"order_{i}" for i in range(len(self.net.blocks))]
+
+    def structure_guide(self, blocked_model) -> NestedGuide:
+        return NestedGuide(blocked_model, weights=False, nested=self)
+
     def default_guide(self) -> NestedGuide:
         return NestedGuide(self, learn_ordering=self.net.bayesian)
 
