@@ -43,8 +43,8 @@ def main():
         model = DepthNet(residual_mlp(784, 10, args.width, args.blocks), num_classes=10)
         return model, model.default_guide()
 
-    trainer = Trainer(*build(), data, FitConfig(batch_size=args.batch), device, None, False)
-    dun_step = lambda: trainer._step(trainer.loss_fn(xb, yb)[0] / N)  # noqa: E731
+    trainer = Trainer(*build(), data, None, FitConfig(batch_size=args.batch), device, None, False)
+    dun_step = lambda: trainer._step(trainer.loss(xb, yb)[0] / N)  # noqa: E731
 
     multi, _ = build()
     multi.to(device)

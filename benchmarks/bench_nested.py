@@ -47,9 +47,9 @@ def main():
     xb, yb = x[: args.batch].to(device), y[: args.batch].to(device)
 
     model = NestedNet(nested_convnet(1, 10, CHANNELS), 10, input_shape=(1, 28, 28))
-    trainer = Trainer(model, model.default_guide(), data, FitConfig(batch_size=args.batch),
+    trainer = Trainer(model, model.default_guide(), data, None, FitConfig(batch_size=args.batch),
                       device, None, False)
-    bnnn_step = lambda: trainer._step(trainer.loss_fn(xb, yb)[0] / N)  # noqa: E731
+    bnnn_step = lambda: trainer._step(trainer.loss(xb, yb)[0] / N)  # noqa: E731
 
     plain = plain_convnet().to(device)
     opt = torch.optim.Adam(plain.parameters(), lr=1e-3)

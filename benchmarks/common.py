@@ -5,6 +5,7 @@ RESULTS.md with the command, device and date."""
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+# gpu_check.sh sends a run's figures to its own results folder (BAYESDYN_RESULTS)
+RESULTS = Path(os.environ.get("BAYESDYN_RESULTS", Path(__file__).with_name("RESULTS.md")))
 
 
 def device_name(device: torch.device) -> str:
@@ -27,8 +29,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+QUICK = os.environ.get("BAYESDYN_BENCH_QUICK") == "1"  # gpu_check.sh --dry: smoke, not figures
+
+
 def time_variants(variants: dict, device, steps: int = 20, rounds: int = 7, warmup: int = 5):
-    """Median seconds per call of each zero-argument callable, measured in interleaved rounds."""
+    """Median seconds per call of each zero-argument callable, measured in interleaved rounds
+    (one round of two steps with ``BAYESDYN_BENCH_QUICK=1``)."""
+    if QUICK:
+        steps, rounds, warmup = 2, 1, 1
     for fn in variants.values():
         for _ in range(warmup):
             fn()

@@ -45,6 +45,7 @@ def train_pair(args, data, seed, device):
     train = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  schedule=args.schedule, optimizer=args.optimizer, momentum=args.momentum,
                  weight_decay=args.weight_decay, crop_padding=args.crop_padding,
+                 precision=args.precision, channels_last=args.channels_last,
                  device=device, seed=seed, progress=False)
     out = {}
     torch.manual_seed(seed)
@@ -100,6 +101,8 @@ def main():
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", default="cosine", choices=("cosine", "multistep"))
     p.add_argument("--crop-padding", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true")
     p.add_argument("--train-size", type=int, default=None,
                    help="train on a seeded subset of this many images (CPU time)")
     p.add_argument("--dun-recipe", action="store_true",

@@ -110,3 +110,22 @@ def test_torchrun_cli_trains_once_and_evaluates_once(tmp_path):
     assert len(history) == 2 and "val_accuracy" in history[-1]
     assert (out / "metrics.json").is_file() and (out / "posterior.nc").is_file()
     assert torch.isfinite(torch.tensor(history[-1]["loss"]))
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_every_stage_dry(tmp_path):
+    """benchmarks/gpu_check.sh --dry: every stage at toy size on the CPU, so the script cannot
+    rot between the sessions that have a GPU."""
+    root = Path(__file__).parents[1]
+    out = tmp_path / "check"
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--dry", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable})
+    summary = (out / "summary.txt").read_text()
+    assert done.returncode == 0, summary + done.stderr[-2000:]
+    stages = [line.split()[0] for line in summary.splitlines()]
+    assert {"cuda-tests", "bench-fit", "bench-depth", "bench-nested", "bench-scale",
+            "throughput", "repro-depth"} <= set(stages)
+    assert "FAILED" not in summary
+    results = (out / "RESULTS.md").read_text()
+    assert "throughput: DUN-ResNet-18 vs ResNet-18" in results and "scale:" in results
