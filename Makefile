@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 export BAYESDYN_SMOKE ?=
 
-.PHONY: demo test install install-dev lint clean
+.PHONY: demo test install install-dev lint docs clean
 
 $(PY):
 	"$$(tools/find-python)" -m venv $(VENV)
@@ -27,8 +27,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
+docs: $(VENV)/.installed-dev  # the API reference and the tutorials, offline, into docs/_build/html
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) .pytest_cache runs docs/_build docs/tutorials

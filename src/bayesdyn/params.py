@@ -2,7 +2,7 @@
 
 Pyro's ``SVI`` and ``pyro.optim`` train what a model or guide registers with ``pyro.param``
 while it runs. Models register their ``nn.Module`` parameters on every call (as ``pyro.module``
-does); guides are ``PyroModule``s and register theirs themselves. Each instance gets its own
+does); guides are ``PyroModule`` objects and register theirs themselves. Each instance gets its own
 name prefix, so two models or guides of one class (several seeds, several chains) never share a
 parameter through the store by name.
 """

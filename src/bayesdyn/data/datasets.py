@@ -100,6 +100,11 @@ def load(
         download: allow torchvision to download into ``root`` (default ``~/.cache/bayesdyn``).
         image_size: resize images to ``image_size`` x ``image_size`` (e.g. 28 for digits next to
             MNIST-shaped data).
+
+    Example:
+        >>> data = load("digits")
+        >>> data.input_shape, data.num_classes, len(data.train) + len(data.val) + len(data.test)
+        ((1, 8, 8), 10, 1797)
     """
     key = name.lower()
     if key not in DATASETS:

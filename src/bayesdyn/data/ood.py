@@ -31,6 +31,7 @@ NOISE_SIZE = 2000
 
 
 def ood_names() -> tuple[str, ...]:
+    """Every OOD set ``load_ood`` knows: shifts of the test set, ``noise`` and the datasets."""
     return (*SHIFTS, *SYNTHETIC, *DATASETS)
 
 

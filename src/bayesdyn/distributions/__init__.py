@@ -1,5 +1,5 @@
 """Ordering distributions for nested (ordered) units: priors, variational families and the
-Downhill relaxation (all Pyro ``TorchDistribution``s); priors over Bayesian layers' weights."""
+Downhill relaxation (all Pyro ``TorchDistribution`` classes); priors over Bayesian layers' weights."""
 
 from .ordering import (
                        CategoricalOrdering,

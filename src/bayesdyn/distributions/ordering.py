@@ -78,7 +78,12 @@ class OrderingDistribution(TorchDistribution):
 
 
 class TruncatedGeometric(OrderingDistribution):
-    """Nested dropout's ordering prior over ``z ∈ {0..K}`` with keep probability ``π``."""
+    """Nested dropout's ordering prior over ``z ∈ {0..K}`` with keep probability ``π``.
+
+    Example:
+        >>> [round(p, 3) for p in TruncatedGeometric(0.5, 3).probs.tolist()]
+        [0.5, 0.25, 0.125, 0.125]
+    """
 
     arg_constraints = {"keep_prob": constraints.unit_interval}
 

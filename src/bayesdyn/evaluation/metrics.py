@@ -22,6 +22,7 @@ def _check(probs: torch.Tensor, labels: torch.Tensor):
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of inputs whose most probable class is the label."""
     _check(probs, labels)
     return (probs.argmax(-1) == labels).double().mean().item()
 
@@ -71,7 +72,14 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
         adaptive: bool = False) -> float:
-    """Expected calibration error: ``sum_b |B_b|/N * |acc_b - conf_b|``."""
+    """Expected calibration error: ``sum_b |B_b|/N * |acc_b - conf_b|``.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1]] * 10)  # 90 % confident, right 6 times in 10
+        >>> labels = torch.tensor([0] * 6 + [1] * 4)
+        >>> round(ece(probs, labels), 4)
+        0.3
+    """
     r = reliability(probs, labels, n_bins, adaptive)
     n = r["count"].sum().clamp_min(1)
     return ((r["count"] / n) * (r["accuracy"] - r["confidence"]).abs()).sum().item()

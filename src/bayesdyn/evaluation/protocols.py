@@ -67,7 +67,7 @@ def apply_thresholds(confidence: torch.Tensor, thresholds: torch.Tensor) -> torc
 
 def budgeted_batch(val_preds, val_labels, test_preds, test_labels, costs, levels: int = 39,
                    n_bins: int = 15) -> list[dict]:
-    """The budgeted-batch curve. ``*_preds`` are per-budget ``Prediction``s, cheapest first;
+    """The budgeted-batch curve. ``*_preds`` are per-budget ``Prediction`` objects, cheapest first;
     ``costs[k]`` the FLOPs per example of stopping at budget ``k`` (everything computed on the
     way included). Returns one row per level with accuracy, nll, ece and mean ``flops``."""
     val_conf = torch.stack([p.mean.max(-1).values for p in val_preds])

@@ -58,9 +58,11 @@ class DepthGuide(RenamedOnCopy, AutoGuide):
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Quantiles of ``q(d)``: the smallest depth whose cumulative mass reaches each."""
         cdf = self.probs().cumsum(-1)
         qs = torch.as_tensor(quantiles, dtype=cdf.dtype, device=cdf.device)
         return {self.site: torch.searchsorted(cdf, qs.clamp(max=1 - 1e-6))}
 
     def mode(self) -> int:
+        """The most probable depth under ``q(d)``."""
         return int(self.logits.argmax())

@@ -27,7 +27,7 @@ class NestedGuide(RenamedOnCopy, AutoGuide):
 
     ``q(z_l)`` is a ``StickBreakingOrdering`` with keep-probabilities ``sigmoid(rho_l)``,
     sampled as a straight-through ``Downhill`` mask. The Gaussian weight posteriors are the mean
-    and log-scale parameters held by the model's ``BayesLayer``s (layers own their variational
+    and log-scale parameters held by the model's ``BayesLayer`` modules (layers own their variational
     parameters, so the fast path and this guide share them); a switched-off group's weights keep
     their prior, so each group's KL counts with its survival probability ``Q_g = q(z >= g)``
     (``SurvivalWeighted``).
@@ -86,6 +86,8 @@ class NestedGuide(RenamedOnCopy, AutoGuide):
         return [StickBreakingOrdering(keep_logits=r.clamp(-RHO_CLIP, RHO_CLIP)) for r in self.rho]
 
     def downhill(self, q: OrderingDistribution, hard: bool = True) -> Downhill:
+        """The Downhill distribution that draws masks from ``q`` (the code's variant under
+        ``gumbel_logits="probs"``)."""
         if self.gumbel_logits == "probs":
             return ProbsAsLogitsDownhill(q.probs, temperature=self.temperature, hard=hard)
         return Downhill(logits=q.logits, temperature=self.temperature, hard=hard)

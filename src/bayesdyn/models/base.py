@@ -80,6 +80,7 @@ class DynamicModel(RenamedOnCopy, nn.Module):
         return self.model(x, y, dataset_size)
 
     def model(self, x, y=None, dataset_size=None):
+        """The Pyro model itself (``forward`` checks the inputs and calls it)."""
         raise NotImplementedError
 
     def default_guide(self) -> nn.Module:
@@ -98,6 +99,8 @@ class DynamicModel(RenamedOnCopy, nn.Module):
         return self.reference_elbo(max_plate_nesting=self.max_plate_nesting)
 
     def budgets(self, guide=None) -> list[Budget]:
+        """The structural settings this model can run at (depths, widths, exits, members),
+        cheapest first; their FLOPs and parameters are filled in by ``evaluation.measure``."""
         raise NotImplementedError
 
     def budget_module(self, budget: Budget, guide=None) -> nn.Module:

@@ -46,7 +46,15 @@ def depth_prior(prior, num_depths: int) -> torch.Tensor:
     """Prior probabilities ``[D + 1]`` from ``"uniform"``, ``"decaying"`` (VDS:
     ``beta_d ∝ 0.85^(d+1)``), a probability vector, a ``Categorical`` over the ``D + 1`` depths,
     or any discrete distribution over the non-negative integers (``Geometric``, ``Poisson``, ...)
-    truncated to ``0..D`` and renormalised."""
+    truncated to ``0..D`` and renormalised.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> depth_prior("uniform", 4).tolist()
+        [0.25, 0.25, 0.25, 0.25]
+        >>> [round(p, 3) for p in depth_prior(dist.Geometric(0.5), 3).tolist()]
+        [0.571, 0.286, 0.143]
+    """
     if isinstance(prior, str):
         if prior == "uniform":
             return torch.full((num_depths,), 1.0 / num_depths)

@@ -108,6 +108,7 @@ class NestedNet(DynamicModel):
         return [getattr(self, f"prior_logits_{i}") for i in range(len(self.net.blocks))]
 
     def prior_probs(self) -> list[torch.Tensor]:
+        """``p(z_l = k)`` per ordered layer, ``[K_l + 1]`` each."""
         return [logits.exp() for logits in self.prior_logits()]
 
     @staticmethod
@@ -217,9 +218,12 @@ class NestedNet(DynamicModel):
 
     # --- budgets and prediction ---------------------------------------------------------------
     def widths(self) -> list[float]:
+        """BNNN's evaluation grid of uniform widths ``1 - i/15``, widest first."""
         return [1 - i / (NUM_WIDTHS - 1) for i in range(NUM_WIDTHS)]
 
     def groups_for_width(self, width: float) -> tuple[int, ...]:
+        """Unit groups kept per ordered layer at a uniform ``width`` in [0, 1] (frozen ones
+        always)."""
         return tuple(b.frozen + round(b.num_orderable * width) for b in self.net.blocks)
 
     def budgets(self, guide=None) -> list[Budget]:

@@ -196,6 +196,7 @@ class OrderedNet(nn.Module):
         return self.head.bayesian
 
     def bayes_layers(self) -> dict[str, BayesLayer]:
+        """The ordered layers and the head by name (``blocks.i.layer``, ``head``)."""
         layers = {f"blocks.{i}.layer": b.layer for i, b in enumerate(self.blocks)}
         layers["head"] = self.head
         return layers
