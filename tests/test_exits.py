@@ -289,3 +289,57 @@ def test_family_arguments_are_checked():
         MultiExitNet(nn.Linear(3, 3), 4)
     assert torch.allclose(BoostedExits(stack, 4).gamma, torch.tensor([0.5, 0.5]))
     assert math.isclose(BoostedExits(stack, 4, gamma=[0.2, 0.4]).gamma[1].item(), 0.4, rel_tol=1e-6)
+
+
+# --- recipes and the command line -------------------------------------------------------------
+def test_recipes_build_every_exit_backbone():
+    from bayesdyn.recipes import Recipe, build
+
+    cases = [(Recipe("exits"), (1, 8, 8), "Linear"),
+             (Recipe("boosted-exits", arch="msdnet", exits=3), (1, 28, 28), "Stem"),
+             (Recipe("exits", arch="resnet", width=4, depth=2, exits=3), (3, 32, 32), "Sequential")]
+    for recipe, shape, stem in cases:
+        model, guide = build(recipe, shape, 10)
+        assert isinstance(guide, EmptyGuide) and model.num_exits == recipe.exits
+        assert type(model.backbone.stem).__name__ in (stem, "Flatten")
+        ge = model.backbone.gradient_equilibrium
+        assert ge == (recipe.method == "boosted-exits")  # BoostNet's msdnet_ge; MSDNet's plain
+        assert model(torch.randn(2, *shape)).shape == (2,)
+    model, _ = build(Recipe("boosted-exits", gamma=0.25, stop_gradient=False,
+                            gradient_equilibrium=False), (1, 8, 8), 10)
+    assert model.gamma.tolist() == [0.25] * 3 and not model.stop_gradient
+    assert not model.backbone.gradient_equilibrium
+
+
+def test_recipe_errors_name_the_fix():
+    from bayesdyn.recipes import Recipe
+
+    with pytest.raises(ValueError, match="boosted-exits options"):
+        Recipe("exits", gamma=0.3)
+    with pytest.raises(ValueError, match="multi-exit backbone"):
+        Recipe("depth", arch="msdnet")
+    with pytest.raises(ValueError, match="has no exits"):
+        Recipe("exits", arch="conv")
+    with pytest.raises(ValueError, match="exits must be >= 1"):
+        Recipe("boosted-exits", exits=0)
+
+
+def test_cli_trains_boosted_exits_with_every_switch(tmp_path, capsys):
+    import json
+
+    from bayesdyn.cli import main
+    from bayesdyn.runs import evaluate_run
+
+    out = tmp_path / "run"
+    assert main(["train", "boosted-exits", "--dataset", "digits", "--epochs", "1", "--exits", "3",
+                 "--gamma", "0.3", "--no-gradient-equilibrium", "--no-stop-gradient",
+                 "--ood", "none", "--out", str(out), "--no-progress"]) == 0
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    assert (recipe["exits"], recipe["gamma"], recipe["gradient_equilibrium"],
+            recipe["stop_gradient"]) == (3, 0.3, False, False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [b["budget"] for b in metrics["budgets"]] == ["exit 1", "exit 2", "exit 3"]
+    assert len(metrics["budgeted_batch"]) == 39
+    assert "exit 3" in capsys.readouterr().out
+    again = evaluate_run(out)  # rebuilt from config.json and the checkpoint
+    assert again["budgets"] == metrics["budgets"]
