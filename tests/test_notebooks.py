@@ -23,3 +23,15 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.output_type == "error"]
     assert not errors
+
+
+def test_exits_notebook_matches_its_cell_list():
+    """notebooks/exits.ipynb is generated from EXITS in build_notebooks.py (rebuild after edits)."""
+    import importlib.util
+
+    here = Path(__file__).parents[1] / "notebooks"
+    spec = importlib.util.spec_from_file_location("build_notebooks", here / "build_notebooks.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    nb = nbformat.read(here / "exits.ipynb", as_version=4)
+    assert [c.source for c in nb.cells] == [src for _, src in builder.EXITS]
