@@ -245,8 +245,8 @@ print(f"budget {budget_mflops:.3f} MFLOPs -> {choice['budget']}: accuracy {choic
 
 The ordering prior is a constructor argument (any `OrderingDistribution`, per layer or shared);
 the weight guide can be any Pyro guide composed with the ordering part through `AutoGuideList`
-(`fit` then trains with Pyro's `Trace_ELBO`; `kl_weighting="full"` because `AutoNormal` does not
-know the masks)."""),
+(`fit` then trains with the family's reference ELBO, Pyro's `TraceMeanField_ELBO`; `AutoNormal`
+does not know the orderings, so every group's weight KL counts)."""),
     ("code", """import pyro
 from pyro.infer.autoguide import AutoGuideList, AutoNormal
 from bayesdyn.guides import NestedGuide
@@ -255,7 +255,7 @@ from bayesdyn.nn import nested_mlp
 
 net = nested_mlp(64 if SMOKE else 784, 10, hidden=(32, 32), input_shape=data.input_shape)
 custom = NestedNet(net, 10, ordering_prior=TruncatedGeometric(0.8, 15),           # <- ordering prior
-                   kl_weighting="full", input_shape=data.input_shape)
+                   input_shape=data.input_shape)
 guide = AutoGuideList(custom)
 guide.append(NestedGuide(pyro.poutine.block(custom, expose_fn=lambda m: m["name"].startswith("order")),
                          weights=False, nested=custom))

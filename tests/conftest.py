@@ -12,6 +12,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def float64():
+    """Run a test in double precision (exact comparisons of values and gradients)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 def fashion_available() -> bool:
     return os.path.isdir(FASHION) or bool(os.environ.get("BAYESDYN_DATA"))
 

@@ -12,14 +12,6 @@ from bayesdyn.models import Budget, NestedNet
 from bayesdyn.nn import nested_convnet, nested_mlp
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def small_pair(bayesian=True, **kwargs):
     torch.manual_seed(0)
     net = nested_mlp(6, 3, hidden=(8, 8), groups=4, frozen=1, bayesian=bayesian)

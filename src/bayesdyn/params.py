@@ -26,18 +26,25 @@ def unique_name(obj) -> str:
 
 def register_parameters(module: nn.Module) -> None:
     """``pyro.param`` for every trainable parameter of ``module`` under ``module.pyro_name``, so
-    Pyro's optimisers see it. Frozen parameters are skipped silently (``pyro.module`` warns). A
-    copy of a module (``copy.deepcopy``) that finds its original's tensors under its name takes a
-    new name instead of training the original's."""
-    store = pyro.get_param_store()
-    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if any(store._params.get(f"{module.pyro_name}{DIVIDER}{n}", p) is not p for n, p in trainable):
-        module.pyro_name = unique_name(module)
-    for param_name, param in trainable:
-        pyro.param(f"{module.pyro_name}{DIVIDER}{param_name}", param)
+    Pyro's optimisers see it. Frozen parameters are skipped silently (``pyro.module`` warns)."""
+    for param_name, param in module.named_parameters():
+        if param.requires_grad:
+            pyro.param(f"{module.pyro_name}{DIVIDER}{param_name}", param)
 
 
 def give_unique_name(guide: PyroModule) -> PyroModule:
     """Rename a guide (and its sub-guides) from its class name to a unique prefix."""
     guide._pyro_set_supermodule(unique_name(guide), guide._pyro_context)
     return guide
+
+
+class RenamedOnCopy:
+    """Mixin: a copy (``copy.deepcopy``, unpickling) takes a new param-store prefix, so training
+    the copy with Pyro's optimisers never updates the original's tensors."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if hasattr(self, "_pyro_context"):  # a guide (PyroModule)
+            give_unique_name(self)
+        else:
+            self.pyro_name = unique_name(self)

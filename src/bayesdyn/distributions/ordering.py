@@ -5,6 +5,7 @@ mask is ``m_j = 1[j <= z]``, ``j = 1..K`` (non-increasing in ``j``).
 
 - ``TruncatedGeometric(keep_prob, K)``: nested dropout's prior, ``p(k) = π^k (1-π)`` for
   ``k < K`` and ``p(K) = π^K``.
+- ``CategoricalOrdering(probs)``: any pmf (e.g. a fixed ordering equal to a prior).
 - ``StickBreakingOrdering(keep_probs)``: ``q(k) = β_1..β_k (1 - β_{k+1})``, ``q(K) = β_1..β_K``,
   with survival ``Q_k = q(z >= k) = β_1..β_k``.
 - ``Downhill(probs|logits, temperature, hard)``: the relaxed ordering. A Concrete sample ``s``
@@ -16,6 +17,7 @@ mask is ``m_j = 1[j <= z]``, ``j = 1..K`` (non-increasing in ``j``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pyro.distributions import Categorical, RelaxedOneHotCategorical, TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.kl import kl_divergence, register_kl
@@ -28,15 +30,20 @@ class OrderingDistribution(TorchDistribution):
     has_enumerate_support = True
 
     @property
-    def probs(self) -> torch.Tensor:  # [..., K + 1]
+    def logits(self) -> torch.Tensor:
+        """``log p(z = k)``, ``[..., K + 1]``, computed in log space (no underflow for large K)."""
         raise NotImplementedError
 
     @property
+    def probs(self) -> torch.Tensor:  # [..., K + 1]
+        return self.logits.exp()
+
+    @property
     def num_groups(self) -> int:
-        return self.probs.shape[-1] - 1
+        return self.logits.shape[-1] - 1
 
     def _categorical(self) -> Categorical:
-        return Categorical(probs=self.probs, validate_args=False)
+        return Categorical(logits=self.logits, validate_args=False)
 
     def sample(self, sample_shape=torch.Size()):
         return self._categorical().sample(sample_shape)
@@ -82,12 +89,11 @@ class TruncatedGeometric(OrderingDistribution):
         super().__init__(self.keep_prob.shape, validate_args=validate_args)
 
     @property
-    def probs(self):
+    def logits(self):
         pi = self.keep_prob.unsqueeze(-1)
         k = torch.arange(self._k + 1, device=pi.device, dtype=pi.dtype)
-        powers = pi**k
-        stop = torch.cat([(1 - pi).expand(*pi.shape[:-1], self._k), torch.ones_like(pi)], -1)
-        return powers * stop
+        stop = torch.cat([torch.log1p(-pi).expand(*pi.shape[:-1], self._k), torch.zeros_like(pi)], -1)
+        return k * pi.log() + stop
 
     def survival(self):
         pi = self.keep_prob.unsqueeze(-1)
@@ -99,31 +105,67 @@ class TruncatedGeometric(OrderingDistribution):
 
 
 class StickBreakingOrdering(OrderingDistribution):
-    """``q(z)`` from ``K`` keep probabilities ``β_j`` (``keep_probs [..., K]``)."""
+    """``q(z)`` from ``K`` keep probabilities ``β_j`` (``keep_probs [..., K]``), or from their
+    logits ``ρ_j`` (``keep_logits``, ``β = sigmoid(ρ)``: exact in log space)."""
 
-    arg_constraints = {"keep_probs": constraints.unit_interval}
+    arg_constraints = {"keep_logits": constraints.real_vector}
 
-    def __init__(self, keep_probs, validate_args=None):
-        keep_probs = torch.as_tensor(keep_probs)
-        if keep_probs.dim() < 1 or keep_probs.shape[-1] < 1:
-            raise ValueError("keep_probs must have shape [..., K] with K >= 1")
-        self.keep_probs = keep_probs
-        super().__init__(keep_probs.shape[:-1], validate_args=validate_args)
-
-    def survival(self):
-        q = torch.cumprod(self.keep_probs, -1)
-        return torch.cat([torch.ones_like(q[..., :1]), q], -1)
+    def __init__(self, keep_probs=None, keep_logits=None, validate_args=None):
+        if (keep_probs is None) == (keep_logits is None):
+            raise ValueError("pass exactly one of keep_probs or keep_logits")
+        if keep_logits is None:
+            keep_logits = torch.logit(torch.as_tensor(keep_probs))
+        keep_logits = torch.as_tensor(keep_logits)
+        if keep_logits.dim() < 1 or keep_logits.shape[-1] < 1:
+            raise ValueError("keep probabilities must have shape [..., K] with K >= 1")
+        self.keep_logits = keep_logits
+        super().__init__(keep_logits.shape[:-1], validate_args=validate_args)
 
     @property
-    def probs(self):
-        surv = self.survival()  # Q_0..Q_K
-        stop = torch.cat([1 - self.keep_probs, torch.ones_like(self.keep_probs[..., :1])], -1)
-        return surv * stop
+    def keep_probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.keep_logits)
+
+    def survival(self):
+        return self._log_survival().exp()
+
+    def _log_survival(self):
+        log_q = torch.cumsum(F.logsigmoid(self.keep_logits), -1)
+        return torch.cat([torch.zeros_like(log_q[..., :1]), log_q], -1)
+
+    @property
+    def logits(self):
+        stop = F.logsigmoid(-self.keep_logits)
+        return self._log_survival() + torch.cat([stop, torch.zeros_like(stop[..., :1])], -1)
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        return StickBreakingOrdering(self.keep_probs.expand(batch_shape + self.keep_probs.shape[-1:]),
-                                     validate_args=False)
+        return StickBreakingOrdering(
+            keep_logits=self.keep_logits.expand(batch_shape + self.keep_logits.shape[-1:]),
+            validate_args=False)
+
+
+class CategoricalOrdering(OrderingDistribution):
+    """Any pmf over ``z ∈ {0..K}``: ``probs`` or ``logits`` ``[..., K + 1]`` (normalised here)."""
+
+    arg_constraints = {}
+
+    def __init__(self, probs=None, logits=None, validate_args=None):
+        if (probs is None) == (logits is None):
+            raise ValueError("pass exactly one of probs or logits")
+        logits = torch.as_tensor(probs).log() if logits is None else torch.as_tensor(logits)
+        if logits.dim() < 1 or logits.shape[-1] < 2:
+            raise ValueError("an ordering pmf needs shape [..., K + 1] with K >= 1")
+        self._logits = logits - logits.logsumexp(-1, keepdim=True)
+        super().__init__(logits.shape[:-1], validate_args=validate_args)
+
+    @property
+    def logits(self):
+        return self._logits
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return CategoricalOrdering(logits=self.logits.expand(batch_shape + self.logits.shape[-1:]),
+                                   validate_args=False)
 
 
 def ordering_from_probs(probs) -> torch.Tensor:
@@ -142,8 +184,12 @@ class Downhill(TorchDistribution):
         temperature: Concrete temperature ``τ > 0``; ``τ -> 0`` recovers the categorical.
         hard: straight-through: the value is the exact binary nested mask of the argmax (whose
             index is distributed exactly as the categorical), gradients are those of the relaxed
-            sample. ``log_prob`` of a hard mask is then the categorical log-pmf of its cut
-            ``z = sum(d)`` (so an ELBO's ``log p - log q`` estimates the categorical KL).
+            sample. ``log_prob`` of a hard mask is then the categorical log-pmf of its cut,
+            written ``sum_k s_k log pi_k`` over the one-hot simplex vector ``s`` of the mask, so
+            its value is exact and its gradient flows through the straight-through relaxation
+            as the likelihood's does. ``KL(q || p)`` between two hard Downhills is the exact
+            categorical KL (registered, so ``TraceMeanField_ELBO`` uses it with its exact
+            gradient).
     """
 
     arg_constraints = {"logits": constraints.real_vector, "temperature": constraints.positive}
@@ -199,9 +245,8 @@ class Downhill(TorchDistribution):
         return upper - lower
 
     def log_prob(self, value):
-        if self.hard:
-            cut = value.detach().sum(-1).round().long()
-            return Categorical(logits=self.logits, validate_args=False).log_prob(cut)
+        if self.hard:  # s is one-hot in value (its cut), relaxed in gradient
+            return (self.mask_to_simplex(value) * self.logits).sum(-1)
         s = self.mask_to_simplex(value).clamp_min(torch.finfo(value.dtype).tiny)
         return self._concrete().log_prob(s / s.sum(-1, keepdim=True))
 
@@ -209,6 +254,36 @@ class Downhill(TorchDistribution):
         """The ordering cut of a mask: the largest entry of its simplex vector ``s`` (for a hard
         mask, ``z = sum(d)``)."""
         return self.mask_to_simplex(value).argmax(-1)
+
+
+class ProbsAsLogitsDownhill(Downhill):
+    """The official BNNN code's ordering unit (methods.md §1.4, for comparison only): the Gumbel
+    noise is added to the *probabilities* ``q`` instead of ``log q``, so the cut is drawn from
+    ``softmax(q)`` (nearly uniform over widths), while ``probs``, ``log_prob`` and the registered
+    KL keep meaning the declared ``q``, as the code's KL does. The result is not an ELBO of the
+    sampling distribution; the fast path and ``TraceMeanField_ELBO`` optimise the same objective
+    with it (``Trace_ELBO``'s Monte Carlo estimate does not, as its draws do not follow ``q``)."""
+
+    def __init__(self, probs, temperature=1.0, hard: bool = False, validate_args=None):
+        super().__init__(probs=probs, temperature=temperature, hard=hard,
+                         validate_args=validate_args)
+
+    def _concrete(self):
+        return RelaxedOneHotCategorical(self.temperature, logits=self.probs, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return ProbsAsLogitsDownhill(self.probs.expand(batch_shape + self.logits.shape[-1:]),
+                                     self.temperature, self.hard, validate_args=False)
+
+
+@register_kl(Downhill, Downhill)
+def _kl_downhill(q, p):
+    """Exact KL between the cut distributions of two hard (straight-through) Downhills; the
+    relaxed densities have no closed form (Pyro then falls back to sampling)."""
+    if not (q.hard and p.hard):
+        raise NotImplementedError
+    return (q.probs * (q.logits - p.logits)).sum(-1)
 
 
 @register_kl(OrderingDistribution, OrderingDistribution)

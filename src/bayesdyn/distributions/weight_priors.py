@@ -22,6 +22,7 @@ import math
 import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
+from torch.distributions.kl import kl_divergence, register_kl
 
 # Molchanov et al. (2017), "Variational Dropout Sparsifies Deep Neural Networks", eq. (14)
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
@@ -55,14 +56,18 @@ class SymmetricLogUniform(dist.TorchDistribution):
         return _LOG_UNIFORM_CONST - value.abs().log()
 
     def sample(self, sample_shape=torch.Size()):
-        raise NotImplementedError("the log-uniform prior is improper and cannot be sampled; "
-                                  "draw weights from a guide")
+        raise NotImplementedError(
+            "the log-uniform weight prior is improper and has no samples. Pyro's autoguides draw "
+            "their initial values from the prior unless told otherwise: pass "
+            "init_loc_fn=bayesdyn.guides.init_to_network(model) (start at the network's "
+            "weights), or use NestedGuide, whose Gaussian weights are built for this prior")
 
 
 class WeightPrior:
-    """A prior over every weight of a layer."""
+    """A prior over every weight of a layer. ``proper = False`` marks a prior without draws."""
 
     name = "prior"
+    proper = True
 
     def site(self, mu: torch.Tensor, sigma: torch.Tensor) -> dist.TorchDistribution:
         """The model's distribution for weights shaped like ``mu`` (batch shape ``mu.shape``)."""
@@ -97,6 +102,7 @@ class GaussianPrior(WeightPrior):
 
 class LogUniformPrior(WeightPrior):
     name = "log-uniform"
+    proper = False
 
     def site(self, mu, sigma):
         return SymmetricLogUniform(mu.shape)
@@ -114,6 +120,59 @@ class ARDPrior(WeightPrior):
 
     def kl(self, mu, sigma):
         return 0.5 * torch.nn.functional.softplus(-log_alpha(mu, sigma))
+
+
+@register_kl(dist.Normal, SymmetricLogUniform)
+def _kl_normal_log_uniform(q, p):
+    """Molchanov et al.'s approximation, per weight (as ``LogUniformPrior.kl``)."""
+    return LogUniformPrior().kl(q.loc, q.scale)
+
+
+class SurvivalWeighted(dist.TorchDistribution):
+    """The guide of a unit group's weights when the group is on with probability ``survival``
+    (``Q_g = q(z >= g)``) and its weights keep the prior while it is off (BNNN, methods.md §1.5).
+
+    Draws come from ``posterior`` (when the group is off its weights reach no output, so the
+    value does not matter). ``log_prob(w) = Q log q(w) + (1 - Q) log p(w)`` is ``log q(w | z)``
+    averaged over the ordering, so ``log p(w) - log_prob(w) = Q (log p(w) - log q(w))``, whose
+    expectation is ``-Q KL(q || p)``: the survival-weighted KL term of the ELBO, an unbiased
+    estimate under ``Trace_ELBO`` with its gradient in ``Q``, and exactly ``Q KL`` under
+    ``TraceMeanField_ELBO`` (registered).
+
+    Args:
+        posterior: the group's weight guide, batch shape ``[..., G]``.
+        prior: the model's prior of the same weights.
+        survival: ``Q`` per group, ``[..., G]``.
+    """
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, posterior, prior, survival, validate_args=None):
+        self.posterior, self.prior, self.survival = posterior, prior, survival
+        batch_shape = torch.broadcast_shapes(posterior.batch_shape, survival.shape)
+        super().__init__(batch_shape, posterior.event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self.posterior.support
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return SurvivalWeighted(self.posterior.expand(batch_shape), self.prior.expand(batch_shape),
+                                self.survival.expand(batch_shape), validate_args=False)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.posterior.rsample(sample_shape)
+
+    def log_prob(self, value):
+        q = self.survival
+        return q * self.posterior.log_prob(value) + (1 - q) * self.prior.log_prob(value)
+
+
+@register_kl(SurvivalWeighted, dist.Distribution)
+def _kl_survival_weighted(q, p):
+    return q.survival * kl_divergence(q.posterior, p)
 
 
 WEIGHT_PRIORS = {"gaussian": GaussianPrior, "log-uniform": LogUniformPrior, "ard": ARDPrior}

@@ -3,6 +3,7 @@
 
 from .depth import DepthGuide
 from .empty import EmptyGuide
+from .init import init_to_network
 from .nested import NestedGuide
 
-__all__ = ["DepthGuide", "EmptyGuide", "NestedGuide"]
+__all__ = ["DepthGuide", "EmptyGuide", "NestedGuide", "init_to_network"]

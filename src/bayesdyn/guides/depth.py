@@ -8,10 +8,10 @@ import torch
 from pyro.infer.autoguide import AutoGuide
 from torch import nn
 
-from ..params import give_unique_name
+from ..params import RenamedOnCopy, give_unique_name
 
 
-class DepthGuide(AutoGuide):
+class DepthGuide(RenamedOnCopy, AutoGuide):
     """``q(d) = Categorical(logits=alpha)`` over ``d = 0..D``.
 
     The site is marked for parallel enumeration, so ``TraceEnum_ELBO`` computes the expectation

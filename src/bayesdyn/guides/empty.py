@@ -2,10 +2,10 @@
 
 from pyro.infer.autoguide import AutoGuide
 
-from ..params import give_unique_name
+from ..params import RenamedOnCopy, give_unique_name
 
 
-class EmptyGuide(AutoGuide):
+class EmptyGuide(RenamedOnCopy, AutoGuide):
     """Samples nothing: the ELBO reduces to the (scaled) log-likelihood."""
 
     def __init__(self, model=None):

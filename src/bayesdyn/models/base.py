@@ -14,7 +14,7 @@ import pyro
 import torch
 from torch import nn
 
-from ..params import register_parameters, unique_name
+from ..params import RenamedOnCopy, register_parameters, unique_name
 from ..validation import check_inputs
 
 
@@ -53,7 +53,7 @@ class PredictiveSamples:
         return torch.einsum("s,sbc->bc", self.weights, self.probs)
 
 
-class DynamicModel(nn.Module):
+class DynamicModel(RenamedOnCopy, nn.Module):
     """Base class of the families. Subclasses implement ``model``, ``default_guide``,
     ``budgets``, ``budget_module`` and ``predict_probs``; ``fast_loss`` is optional."""
 
@@ -115,6 +115,12 @@ class DynamicModel(nn.Module):
         ``TensorDataset`` of inputs and labels): nested nets re-estimate BatchNorm statistics per
         width, a marginal-likelihood DepthNet computes its exact depth posterior. Default:
         nothing."""
+
+    def network_values(self) -> dict[str, torch.Tensor]:
+        """The network's current value of every weight sample site of ``model``, by site name
+        and shaped like the site (``bayesdyn.guides.init_to_network`` starts autoguides there).
+        Default: no weight sites."""
+        return {}
 
     def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
         """Posterior over the structure, e.g. ``{"depth": q(d) [D+1]}`` (may be empty)."""

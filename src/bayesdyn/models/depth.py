@@ -21,6 +21,7 @@ from torch import nn
 
 from ..guides.depth import DepthGuide
 from ..guides.empty import EmptyGuide
+from ..guides.init import init_to_network
 from ..nn.residual import DepthStack
 from ..params import give_unique_name
 from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorized_trace
@@ -28,18 +29,31 @@ from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorize
 VDS_DECAY = 0.85
 
 
+PRIOR_KINDS = ("'uniform', 'decaying', a probability vector over the depths, a Categorical, or a "
+               "discrete distribution over 0, 1, 2, ... (e.g. Geometric, Poisson, Binomial), which "
+               "is truncated to the network's depths")
+
+
 def depth_prior(prior, num_depths: int) -> torch.Tensor:
     """Prior probabilities ``[D + 1]`` from ``"uniform"``, ``"decaying"`` (VDS:
-    ``beta_d ∝ 0.85^(d+1)``), a ``torch.distributions.Categorical`` or a probability vector."""
+    ``beta_d ∝ 0.85^(d+1)``), a probability vector, a ``Categorical`` over the ``D + 1`` depths,
+    or any discrete distribution over the non-negative integers (``Geometric``, ``Poisson``, ...)
+    truncated to ``0..D`` and renormalised."""
     if isinstance(prior, str):
         if prior == "uniform":
             return torch.full((num_depths,), 1.0 / num_depths)
         if prior == "decaying":
             w = VDS_DECAY ** torch.arange(1, num_depths + 1, dtype=torch.get_default_dtype())
             return w / w.sum()
-        raise ValueError(f"unknown depth prior {prior!r}; use 'uniform', 'decaying', a "
-                         "torch.distributions.Categorical or a probability vector")
-    probs = prior.probs if isinstance(prior, torch.distributions.Categorical) else prior
+        raise ValueError(f"unknown depth prior {prior!r}; use {PRIOR_KINDS}")
+    if isinstance(prior, torch.distributions.Categorical):
+        probs = prior.probs
+    elif isinstance(prior, torch.distributions.Distribution):
+        probs = _truncated_pmf(prior, num_depths)
+    elif isinstance(prior, (torch.Tensor, list, tuple)):
+        probs = prior
+    else:
+        raise TypeError(f"unsupported depth prior {type(prior).__name__}; use {PRIOR_KINDS}")
     probs = torch.as_tensor(probs, dtype=torch.get_default_dtype()).detach()
     if probs.shape != (num_depths,):
         raise ValueError(f"depth prior has shape {tuple(probs.shape)}, expected [{num_depths}] "
@@ -47,7 +61,24 @@ def depth_prior(prior, num_depths: int) -> torch.Tensor:
     if not torch.isfinite(probs).all() or (probs <= 0).any():
         raise ValueError("depth prior probabilities must be finite and positive (a depth with "
                          "zero prior mass can be removed from the network instead)")
+    if isinstance(prior, (torch.Tensor, list, tuple)) and abs(float(probs.sum()) - 1) > 1e-4:
+        raise ValueError(f"depth prior probabilities sum to {float(probs.sum()):.6g}, not 1; "
+                         "normalise them (p / p.sum()) if that is what you meant")
     return probs / probs.sum()
+
+
+def _truncated_pmf(prior: torch.distributions.Distribution, num_depths: int) -> torch.Tensor:
+    if not prior.support.is_discrete or prior.batch_shape != () or prior.event_shape != ():
+        raise TypeError(f"a depth prior must be one discrete distribution over the depths; got "
+                        f"{type(prior).__name__} (batch {tuple(prior.batch_shape)}); use "
+                        f"{PRIOR_KINDS}")
+    depths = torch.arange(num_depths, dtype=torch.get_default_dtype())
+    try:
+        log_p = prior.log_prob(depths)
+    except (ValueError, RuntimeError) as err:  # a support that misses some depths
+        raise ValueError(f"{type(prior).__name__} gives no probability to some of the depths "
+                         f"0..{num_depths - 1} ({err})") from err
+    return torch.softmax(log_p.detach(), 0)
 
 
 class DepthNet(DynamicModel):
@@ -92,6 +123,8 @@ class DepthNet(DynamicModel):
         if output_prior_scale is not None and output_prior_scale <= 0:
             raise ValueError(f"output_prior_scale must be positive, got {output_prior_scale}")
         self.output_prior_scale = output_prior_scale
+        if output_prior_scale is not None:  # the model samples these weights: the block's own
+            backbone.output_block.requires_grad_(False)  # values only seed the weight guide
         if marginal:  # exact posterior p(d | data), set by update_posterior; the prior until then
             self.register_buffer("posterior_probs", self.prior_probs.clone())
         if likelihood == "regression":
@@ -110,7 +143,8 @@ class DepthNet(DynamicModel):
             return DepthGuide(self)
         guide = give_unique_name(AutoGuideList(self))
         guide.append(DepthGuide(poutine.block(self, expose=["depth"]), self.num_depths))
-        guide.append(AutoNormal(poutine.block(self, hide=["depth"]), init_scale=1e-3))
+        guide.append(AutoNormal(poutine.block(self, hide=["depth"]), init_scale=1e-3,
+                                init_loc_fn=init_to_network(self)))
         return guide
 
     # --- Pyro model ---------------------------------------------------------------------------
@@ -129,6 +163,11 @@ class DepthNet(DynamicModel):
                 pyro.deterministic("probs", torch.softmax(f, -1), event_dim=1)
                 return pyro.sample("y", dist.Categorical(logits=f), obs=y)
             return pyro.sample("y", dist.Normal(f.squeeze(-1), self.log_noise.exp()), obs=y)
+
+    def network_values(self) -> dict[str, torch.Tensor]:
+        if self.output_prior_scale is None:
+            return {}
+        return {f"output.{name}": p for name, p in self.backbone.output_block.named_parameters()}
 
     def _output_weights(self) -> dict | None:
         """Sampled output-block parameters (``output_prior_scale``), ``[(S,) ...]`` each."""

@@ -4,24 +4,29 @@ Per ordered layer ``l`` an ordering mask ``z_l`` (a Downhill sample) switches un
 from the back; weights are Gaussian. The model:
 
     z_l ~ Downhill(TruncatedGeometric(keep_prob, K))        (hard, straight-through)
-    W_{l,g} ~ weight prior (Gaussian, log-uniform or ARD)     counted only while group g is on
+    W_{l,g} ~ weight prior (Gaussian, log-uniform or ARD)
     y_n ~ Categorical(logits = f(x_n; W, z))
 
 With the guide's weights equal to the prior on switched-off groups, the expected KL of the
-weights is ``sum_g Q_g KL_g`` with ``Q_g = q(z >= g)`` (methods.md §1.5), which the fast path
-computes exactly, together with the exact categorical ``KL(q(z) || p(z))``.
+weights is ``sum_g Q_g KL_g`` with ``Q_g = q(z >= g)`` (methods.md §1.5); the guide states it
+per group (``SurvivalWeighted``). The family's reference ELBO is Pyro's ``TraceMeanField_ELBO``:
+with the registered KLs it computes ``KL(q(z) || p(z))`` and ``sum_g Q_g KL_g`` exactly, and the
+likelihood from one straight-through draw, as the fast path does, in value and gradient.
+``Trace_ELBO`` also works: it estimates the same ELBO by sampling, with the ordering KL's gradient
+taken through the straight-through relaxation.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_value
 from torch import nn
 
 from ..distributions import Downhill, OrderingDistribution, TruncatedGeometric
@@ -52,17 +57,18 @@ class NestedNet(DynamicModel):
         temperature: Downhill temperature (BNNN: 2.0, fixed).
         kl_weight: multiplies every KL term (1.0: the ELBO; the BNNN code's effective weight is
             about ``1e-5 * N / fan_in`` per weight, methods.md §1.5).
-        kl_weighting: ``"survival"`` (paper: a group's weight KL counts while it is on) or
-            ``"full"`` (every group's KL always counts; use it with a weight guide that does not
-            know the masks, e.g. ``AutoNormal``).
+
+    Whether a group's weight KL counts only while it is on (BNNN) is the guide's choice
+    (``NestedGuide(kl_weighting=...)``); a weight guide that does not know the orderings, e.g.
+    ``AutoNormal``, counts every group's KL always.
     """
 
     MARGINAL_ORDERINGS = 8  # orderings drawn from q(z) and calibrated for the marginal
+    reference_elbo = pyro.infer.TraceMeanField_ELBO
 
     def __init__(self, net: OrderedNet, num_classes: int, keep_prob: float = 0.95,
                  ordering_prior=None, prior_scale: float = 1.0, temperature: float = 2.0,
-                 kl_weight: float = 1.0, kl_weighting: str = "survival", input_shape=None,
-                 weight_prior: str = "gaussian"):
+                 kl_weight: float = 1.0, input_shape=None, weight_prior: str = "gaussian"):
         super().__init__()
         if not isinstance(net, OrderedNet):
             raise TypeError("net must be a bayesdyn.nn.OrderedNet (nested_mlp / nested_convnet)")
@@ -70,13 +76,11 @@ class NestedNet(DynamicModel):
             raise ValueError(f"keep_prob must be in (0, 1), got {keep_prob}")
         if prior_scale <= 0 or temperature <= 0 or kl_weight < 0:
             raise ValueError("prior_scale and temperature must be positive, kl_weight >= 0")
-        if kl_weighting not in ("survival", "full"):
-            raise ValueError(f"kl_weighting must be 'survival' or 'full', got {kl_weighting!r}")
         self.net, self.num_classes = net, num_classes
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.temperature = temperature
         self.weight_prior = _weight_prior(weight_prior, prior_scale)  # holds the scale
-        self.kl_weight, self.kl_weighting = kl_weight, kl_weighting
+        self.kl_weight = kl_weight
         self.prior_keep_logit = float(torch.logit(torch.tensor(keep_prob)))
         sizes = [b.num_orderable for b in net.blocks]
         priors = ordering_prior if isinstance(ordering_prior, (list, tuple)) \
@@ -86,11 +90,15 @@ class NestedNet(DynamicModel):
             if not isinstance(prior, OrderingDistribution) or prior.num_groups != k:
                 raise ValueError(f"ordering prior of layer {i} must be an OrderingDistribution "
                                  f"over 0..{k}")
-            self.register_buffer(f"prior_probs_{i}", prior.probs.detach().clone())
+            self.register_buffer(f"prior_logits_{i}", prior.logits.detach().clone())
 
     # --- helpers shared with the guide --------------------------------------------------------
+    def prior_logits(self) -> list[torch.Tensor]:
+        """``log p(z_l = k)`` per ordered layer, ``[K_l + 1]`` each."""
+        return [getattr(self, f"prior_logits_{i}") for i in range(len(self.net.blocks))]
+
     def prior_probs(self) -> list[torch.Tensor]:
-        return [getattr(self, f"prior_probs_{i}") for i in range(len(self.net.blocks))]
+        return [logits.exp() for logits in self.prior_logits()]
 
     @staticmethod
     def squeeze_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -102,16 +110,21 @@ class NestedNet(DynamicModel):
         """``[out, ...] -> [G, out / G, ...]``: one batch entry per unit group."""
         return t.reshape(groups, t.shape[0] // groups, *t.shape[1:])
 
-    def weight_groups(self, masks):
-        """``(site name, layer, groups, active [..., G] bool)`` for every Bayesian layer: a
-        group's weights count in the ELBO while the group is on (``kl_weighting="survival"``)."""
+    def weight_groups(self):
+        """``(site name, layer, groups)`` for every Bayesian layer (the head is one group)."""
         for i, block in enumerate(self.net.blocks):
-            on = torch.cat([torch.ones_like(masks[i][..., :block.frozen]), masks[i]], -1) > 0.5
-            if self.kl_weighting == "full":
-                on = torch.ones_like(on)
-            yield f"blocks.{i}.layer.weight", block.layer, block.groups, on
-        head = self.net.head
-        yield "head.weight", head, 1, torch.ones(1, dtype=torch.bool, device=head.weight_mu.device)
+            yield f"blocks.{i}.layer.weight", block.layer, block.groups
+        yield "head.weight", self.net.head, 1
+
+    def network_values(self) -> dict[str, torch.Tensor]:
+        return {name: self.grouped(layer.weight_mu, groups)
+                for name, layer, groups in self.weight_groups()} if self.net.bayesian else {}
+
+    def weight_prior_site(self, layer, groups: int) -> dist.TorchDistribution:
+        """The prior of a layer's weights by group: batch ``[G]``, event ``[out / G, ...]``."""
+        mu = self.grouped(layer.weight_mu, groups)
+        return self.weight_prior.site(mu, self.grouped(layer.weight_sigma(), groups)) \
+            .to_event(mu.dim() - 1)
 
     @staticmethod
     def group_plate(name: str, groups: int):
@@ -124,19 +137,17 @@ class NestedNet(DynamicModel):
     def model(self, x, y=None, dataset_size=None):
         masks, weights = [], {}
         with poutine.scale(scale=self.kl_weight):
-            for i, probs in enumerate(self.prior_probs()):
-                m = pyro.sample(f"order_{i}", Downhill(probs=probs, temperature=self.temperature,
+            for i, logits in enumerate(self.prior_logits()):
+                m = pyro.sample(f"order_{i}", Downhill(logits=logits, temperature=self.temperature,
                                                        hard=True))
                 masks.append(self.squeeze_mask(m))
             if self.net.bayesian:
-                for name, layer, groups, active in self.weight_groups(masks):
-                    mu = self.grouped(layer.weight_mu, groups)
-                    shape = mu.shape
-                    prior = self.weight_prior.site(mu, self.grouped(layer.weight_sigma(), groups))
-                    with self.group_plate(name, groups), poutine.mask(mask=active):
-                        w = pyro.sample(name, prior.to_event(len(shape) - 1))
-                    w = w.reshape(*w.shape[:-len(shape)], -1, *shape[2:])  # [(S,) out, ...]
-                    weights[name.removesuffix(".weight")] = w if w.dim() > layer.weight_mu.dim() else w[None]
+                for name, layer, groups in self.weight_groups():
+                    with self.group_plate(name, groups), self._no_improper_draws():
+                        w = pyro.sample(name, self.weight_prior_site(layer, groups))
+                    shape = layer.weight_mu.shape
+                    w = w.reshape(*w.shape[:w.dim() - len(shape) - 1], *shape)  # [(S,) out, ...]
+                    weights[name.removesuffix(".weight")] = w if w.dim() > len(shape) else w[None]
         logits = self.net(x, masks=masks, sample=False, weights=weights or None,
                           num_samples=max(m.reshape(-1, m.shape[-1]).shape[0] for m in masks))
         logits = logits[0] if logits.shape[0] == 1 else logits  # [(S,) B, C]
@@ -144,21 +155,27 @@ class NestedNet(DynamicModel):
             pyro.deterministic("probs", torch.softmax(logits, -1), event_dim=1)
             return pyro.sample("y", dist.Categorical(logits=logits), obs=y)
 
+    def _no_improper_draws(self):
+        """An improper weight prior has no draws: a weight site that gets no value from a guide
+        (a prior run, e.g. an autoguide setting itself up) takes the network's current weights."""
+        if self.weight_prior.proper:
+            return nullcontext()
+        return InitMessenger(init_to_value(values=self.network_values()))
+
     # --- fast path ----------------------------------------------------------------------------
     def kl_terms(self, guide: NestedGuide) -> dict[str, torch.Tensor]:
         """Exact ``KL(q(z) || p(z))`` over layers and the survival-weighted weight KL."""
         zero = torch.zeros((), device=self.net.head.weight_mu.device)
         kl_z, kl_w = zero, zero
-        for q, p_probs, block in zip(guide.orderings(), self.prior_probs(), self.net.blocks, strict=True):
-            if guide.learn_ordering:
-                kl_z = kl_z + (q.probs * (q.probs.log() - p_probs.log())).sum()
-            if self.net.bayesian:
-                per_group = block.layer.kl_per_unit(self.weight_prior).reshape(block.groups, -1).sum(-1)
-                survival = torch.cat([torch.ones(block.frozen, device=zero.device),
-                                      q.survival()[1:]]) if self.kl_weighting == "survival" else 1.0
-                kl_w = kl_w + (survival * per_group).sum()
+        if guide.learn_ordering:
+            for q, log_p in zip(guide.orderings(), self.prior_logits(), strict=True):
+                log_q = q.logits  # in log space: q(z) may underflow
+                kl_z = kl_z + (log_q.exp() * (log_q - log_p)).sum()
         if self.net.bayesian:
-            kl_w = kl_w + self.net.head.kl_per_unit(self.weight_prior).sum()
+            for (_, layer, groups), survival in zip(self.weight_groups(), guide.group_survival(),
+                                                    strict=True):
+                per_group = layer.kl_per_unit(self.weight_prior).reshape(groups, -1).sum(-1)
+                kl_w = kl_w + (survival * per_group).sum()
         return {"kl_order": kl_z, "kl_weights": kl_w}
 
     def fast_loss(self, guide, x, y, dataset_size):
