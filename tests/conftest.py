@@ -36,13 +36,3 @@ def digits():
     from bayesdyn.data import load
 
     return load("digits")
-
-
-@pytest.fixture
-def float64():
-    """float64 as the default dtype for one test, so differences between two computations of
-    one quantity are real ones, not rounding."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
