@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from common import append_results, header, mean_std
 
-from bayesdyn.data import DEFAULT_OOD, load
+from bayesdyn.data import default_ood, load
 from bayesdyn.distributions import weight_prior
 from bayesdyn.evaluation import evaluate
 from bayesdyn.inference import fit, resolve_device
@@ -83,7 +83,7 @@ def record(args, device, results):
              f"{args.epochs} epochs, {args.seeds} seeds; BNNN KL weight {args.kl_weight}, weight "
              f"prior {weight_prior(args.weight_prior, args.prior_scale)}, Gumbel logits = "
              f"{args.gumbel_logits}; 8 MC samples; OOD = "
-             f"{DEFAULT_OOD.get(args.dataset)}", "",
+             f"{default_ood(args.dataset)}", "",
              "| width | MFLOPs (BNNN / ND) | " + " | ".join(
                  f"{k} BNNN | {k} ND" for k in KEYS) + " |", "|---" * (2 + 2 * len(KEYS)) + "|"]
     for i, width in enumerate([*widths, "marginal"]):

@@ -137,6 +137,94 @@ def test_resnet50_depth_has_torchvisions_residual_trunk():
         resnet_depth(3, 10, block="dense")
 
 
+def _per_depth_reference(backbone, x):
+    """DUN's code, written out: the trunk once, then adapter + output block once per depth, in
+    depth order (each call normalises with its own batch and updates the running statistics)."""
+    h = backbone.input_block(x)
+    acts = [h]
+    for block in backbone.blocks:
+        h = block(h)
+        acts.append(h)
+    return torch.stack([backbone.output_block(backbone.adapters[d](a))
+                        for d, a in enumerate(acts)])
+
+
+def _bn_state(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "tracked" in k}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_resnet_shared_head_matches_duns_one_call_per_depth(momentum):
+    import copy
+
+    torch.manual_seed(0)
+    net = resnet_depth(3, 4, stages=(1, 2, 1), widths=(4, 4, 8), block="bottleneck",
+                       shared_stages=1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    with torch.no_grad():  # non-trivial affine BN parameters everywhere
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    reference = copy.deepcopy(net)
+    x = torch.randn(6, 3, 8, 8)
+    for step in range(2):  # training mode: per-depth batch statistics, D + 1 updates per call
+        ours, ref = net(x + step), _per_depth_reference(reference, x + step)
+        assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+        for (k, a), b in zip(_bn_state(net).items(), _bn_state(reference).values(), strict=True):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    net.eval(), reference.eval()
+    assert torch.allclose(net(x), _per_depth_reference(reference, x), atol=1e-5)
+    pooled = resnet_depth(3, 4, stages=(1, 2, 1), widths=(4, 4, 8), block="bottleneck",
+                          shared_stages=1, head_statistics="pooled")
+    pooled.load_state_dict(copy.deepcopy(reference).state_dict(), strict=False)
+    pooled.train()
+    assert not torch.allclose(pooled(x), _per_depth_reference(copy.deepcopy(reference), x),
+                              atol=1e-3)  # the option really differs
+
+
+def test_dun_adapters_are_shared_per_stage_and_chained():
+    net = resnet50_depth(3, 10, width=4)  # stages 1-3 are depths: 1 stem + 3 + 4 + 6 blocks
+    stages = [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3]  # the stem has stage 1's shape
+    steps = {}
+    for d, stage in enumerate(stages):
+        adapter = net.adapters[d]
+        if stage == 3:
+            assert isinstance(adapter, torch.nn.Identity)
+            continue
+        convs = [m for m in adapter.modules() if isinstance(m, torch.nn.Conv2d)]
+        chain = convs[1:] if d == 0 else convs  # depth 0 first widens the stem (16 -> 16 x 4)
+        assert [c.stride for c in chain] == [(2, 2)] * (3 - stage)  # stage s -> s+1 -> ... -> 3
+        for i, conv in enumerate(chain):
+            assert steps.setdefault(stage + i, conv) is conv  # one module per transition
+    assert len(steps) == 2
+    per_depth = resnet50_depth(3, 10, width=4, adapters="per-depth")
+    assert len({id(a) for a in per_depth.adapters}) == 14
+
+
+def test_residual_mlp_in_duns_exact_form():
+    """DUN's fully connected net: linear input layer (depth 0 is a linear model), blocks
+    x + BN(ReLU(W x)), linear output layer; and its no-skip "MLP" variant."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 5)
+    for residual in (True, False):
+        net = residual_mlp(5, 2, width=6, depth=3, input_relu=False, residual=residual)
+        net.train()
+        out = net(x)
+        h = net.input_block(x)  # = W_in x + b, no nonlinearity
+        assert torch.allclose(h, x @ net.input_block[0].weight.T + net.input_block[0].bias)
+        expected = [net.output_block(h)]
+        for block in net.blocks:
+            body = block.body if residual else block
+            h = h + body(h) if residual else body(h)
+            expected.append(net.output_block(h))
+        assert torch.allclose(out, torch.stack(expected), atol=1e-6)
+    depth0 = residual_mlp(5, 2, width=6, depth=1, input_relu=False).truncated(0)
+    y1, y2 = depth0(x), depth0(2 * x)  # linear: f(2x) - f(0) = 2 (f(x) - f(0))
+    y0 = depth0(torch.zeros(1, 5))
+    assert torch.allclose(y2 - y0, 2 * (y1 - y0), atol=1e-5)
+
+
 def test_marginal_prediction_is_the_q_mixture():
     model, guide = random_pair()
     model.eval()
@@ -154,7 +242,10 @@ def test_regression_mixture_moments():
     model, guide = random_pair("regression")
     model.eval()
     x = torch.randn(5, 6)
-    mean, var = model.predict_regression(guide, x)
+    from bayesdyn.evaluation import mixture_moments
+
+    mean, var = mixture_moments(*model.regression_mixture(guide, x))
+    mean, var = mean.float(), var.float()
     q = guide.probs()[:, None]
     mu = model.backbone(x).squeeze(-1)
     samples_var = (q * (model.log_noise.exp() ** 2 + mu**2)).sum(0) - mean**2
@@ -172,6 +263,40 @@ def test_pruning_makes_a_smaller_network_with_folded_posterior():
     full, small = measure(model, (6,))[-1], measure(pruned, (6,))[-1]
     assert small.params < full.params and small.flops < full.flops
     assert model.backbone.max_depth == 3  # the original is untouched
+
+
+def test_pruning_keeps_every_part_of_model_and_posterior(digits):
+    """A DUN with a Bayesian output block (AutoNormal weights): the pruned net keeps the trained
+    output weights' posterior and predicts as well as before (it fell to chance when pruning
+    dropped them); a marginal-likelihood DUN keeps its exact posterior; regression its noise."""
+    from bayesdyn.inference import fit, predict
+
+    torch.manual_seed(0)
+    model = DepthNet(residual_mlp(64, 10, 32, 3, input_shape=(1, 8, 8)), num_classes=10,
+                     input_shape=(1, 8, 8), output_prior_scale=1.0)
+    guide = model.default_guide()
+    fit(model, guide, digits, epochs=4, batch_size=64, lr=3e-3, device="cpu", progress=False)
+    x, y = digits.test.tensors
+    accuracy = lambda m, g: float((predict(m, g, x, num_samples=16).mean.argmax(-1) == y)  # noqa: E731
+                                  .float().mean())
+    before = accuracy(model, guide)
+    pruned, new_guide = model.prune(guide, threshold=0.0)  # cut at depth 0: a real change
+    assert pruned.output_prior_scale == 1.0 and pruned.backbone.max_depth == 0
+    assert torch.equal(new_guide[1]._get_loc_and_scale("output.weight")[0],
+                       guide[1]._get_loc_and_scale("output.weight")[0])
+    q = model.depth_weights(guide).detach()
+    assert torch.allclose(pruned.depth_weights(new_guide), q.sum().reshape(1), atol=1e-6)
+    depth0 = accuracy(*model.prune(guide, threshold=0.0))
+    assert before > 0.8 and depth0 > 0.5  # untrained output weights would give ~0.1
+    pruned_keep, guide_keep = model.prune(guide, threshold=0.999)  # cut at the mode
+    assert accuracy(pruned_keep, guide_keep) > before - 0.05
+
+    marginal = DepthNet(residual_mlp(6, 4, 8, 3), num_classes=4, marginal=True)
+    marginal.posterior_probs.copy_(torch.tensor([0.1, 0.6, 0.2, 0.1]))
+    small, empty = marginal.prune(marginal.default_guide())
+    assert small.marginal and torch.allclose(small.posterior_probs, torch.tensor([0.1, 0.9]))
+    regression, reg_guide = random_pair("regression")
+    assert torch.equal(regression.prune(reg_guide)[0].log_noise, regression.log_noise)
 
 
 def test_guide_contract():

@@ -48,6 +48,25 @@ def test_constant_predictor_ece_is_closed_form():
     assert r["accuracy"][8] == pytest.approx(0.6)
 
 
+def test_adaptive_ece_does_not_depend_on_the_order_of_ties():
+    """Constant p = 0.9, 60 % correct: every input is tied, so all share one bin and the
+    adaptive ECE is |0.6 - 0.9| = 0.3 in any order (it was 0.393 with the labels sorted)."""
+    probs = torch.tensor([[0.9, 0.1]]).repeat(1000, 1)
+    labels = torch.cat([torch.zeros(600), torch.ones(400)]).long()
+    shuffled = labels[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    for y in (labels, shuffled, labels.flip(0)):
+        assert ece(probs, y, n_bins=15, adaptive=True) == pytest.approx(0.3, abs=1e-6)
+    # partial ties: two confidence levels, any order, each level kept whole in one bin
+    conf = torch.cat([torch.full((300,), 0.7), torch.full((700,), 0.95)])
+    probs = torch.stack([conf, 1 - conf], -1)
+    correct = torch.zeros(1000, dtype=torch.bool)
+    correct[:150], correct[300:965] = True, True  # 50 % at 0.7, 95 % at 0.95
+    y = torch.where(correct, 0, 1)
+    by_hand = 0.3 * abs(0.5 - 0.7) + 0.7 * abs(0.95 - 0.95)
+    for perm in (torch.arange(1000), torch.randperm(1000, generator=torch.Generator().manual_seed(1))):
+        assert ece(probs[perm], y[perm], n_bins=10, adaptive=True) == pytest.approx(by_hand, abs=1e-6)
+
+
 def test_confidence_one_is_counted_in_last_bin():
     probs = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     labels = torch.tensor([0, 1])

@@ -158,9 +158,11 @@ def test_gradient_equilibrium_switch_changes_gradients_not_outputs():
 
 # --- the families -----------------------------------------------------------------------------
 def families(backbone_fn):
-    yield MultiExitNet(backbone_fn(), 4)
-    yield BoostedExits(backbone_fn(), 4, gamma=[0.3, 0.7])
-    yield BoostedExits(backbone_fn(), 4, stop_gradient=False)
+    """Both families (classes read off the heads), with per-exit gammas and without the
+    stop-gradient too."""
+    yield MultiExitNet(backbone_fn())
+    yield BoostedExits(backbone_fn(), gamma=[0.3, 0.7])
+    yield BoostedExits(backbone_fn(), stop_gradient=False)
 
 
 def boostnet_reference(f, y, gamma, scale):
@@ -275,6 +277,10 @@ def test_budgets_cost_and_prediction():
         assert torch.allclose(probs[0], torch.softmax(model.exit_logits(x)[k], -1))
     marginal = model.predict_probs(EmptyGuide(model), x).probs
     assert torch.equal(marginal, model.predict_probs(EmptyGuide(model), x, budgets[-1]).probs)
+    y = torch.randint(0, 3, (5,))  # the marginal is one component, for an exact LOO
+    log_w, loglik = model.component_log_likelihood(EmptyGuide(model), x, y)
+    assert log_w.tolist() == [0.0]
+    assert torch.allclose(loglik[0], marginal[0, torch.arange(5), y].log(), atol=1e-6)
     with pytest.raises(ValueError, match="budget must be one of"):
         model.predict_probs(EmptyGuide(model), x, 3)
 
@@ -287,6 +293,9 @@ def test_family_arguments_are_checked():
         BoostedExits(stack, 4, gamma=-1.0)
     with pytest.raises(TypeError, match="MultiExitStack"):
         MultiExitNet(nn.Linear(3, 3), 4)
+    with pytest.raises(ValueError, match="head of exit 1 has 4 outputs but 10"):
+        MultiExitNet(stack, 10)
+    assert MultiExitNet(stack).num_classes == 4  # read off the heads
     assert torch.allclose(BoostedExits(stack, 4).gamma, torch.tensor([0.5, 0.5]))
     assert math.isclose(BoostedExits(stack, 4, gamma=[0.2, 0.4]).gamma[1].item(), 0.4, rel_tol=1e-6)
 
@@ -320,7 +329,7 @@ def test_recipe_errors_name_the_fix():
         Recipe("depth", arch="msdnet")
     with pytest.raises(ValueError, match="has no exits"):
         Recipe("exits", arch="conv")
-    with pytest.raises(ValueError, match="exits must be >= 1"):
+    with pytest.raises(ValueError, match="invalid exits=0"):
         Recipe("boosted-exits", exits=0)
 
 

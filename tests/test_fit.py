@@ -168,3 +168,186 @@ def test_pyro_objective_gives_the_same_training(digits):
     assert fast_loss[0] == pytest.approx(pyro_loss[0], rel=1e-4)
     assert fast_loss[1] == pytest.approx(pyro_loss[1], rel=1e-2)  # float noise grows with steps
     assert torch.allclose(runs[0][1], runs[1][1], atol=0.05)
+
+
+# --- inputs: tensors, TensorDataset, DataLoader -----------------------------------------------
+
+def test_fit_accepts_tensors_a_tensordataset_and_a_dataloader(digits):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = digits.train.tensors
+    runs = []
+    for data in [(x, y), TensorDataset(x, y)]:
+        model, guide = make(digits)
+        h = fit(model, guide, data, val=digits.val.tensors, epochs=1, **FIT)
+        runs.append(params(model, guide))
+        assert "val_nll" in h.epochs[0]
+    assert torch.equal(*runs)  # the same batches either way
+    model, guide = make(digits)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    h = fit(model, guide, loader, val=DataLoader(digits.val, batch_size=50), epochs=3, **FIT)
+    assert h["loss"][-1] < h["loss"][0] and h.epochs[-1]["val_accuracy"] > 0.5
+    assert "val_nll" not in fit(model, guide, (x, y), epochs=1, **FIT).epochs[0]  # no val: fine
+    with pytest.raises(TypeError, match="DataLoader"):
+        fit(model, guide, x, epochs=1, **FIT)
+    with pytest.raises(ValueError, match="already holds its validation split"):
+        fit(model, guide, digits, val=(x, y), epochs=1, **FIT)
+    with pytest.raises(ValueError, match="empty"):
+        fit(model, guide, (x[:0], y[:0]), epochs=1, **FIT)
+
+
+def test_dataloader_run_resumes_exactly_after_an_interrupt(digits, tmp_path, monkeypatch):
+    import importlib
+
+    from torch.utils.data import DataLoader
+
+    fit_mod = importlib.import_module("bayesdyn.inference.fit")
+    loader = DataLoader(digits.train, batch_size=64, shuffle=True)
+    model_a, guide_a = make(digits)
+    fit(model_a, guide_a, loader, epochs=2, out=tmp_path / "a", **FIT)
+    calls, original = {"n": 0}, fit_mod.Trainer._step
+
+    def step_then_interrupt(self, loss):
+        original(self, loss)
+        calls["n"] += 1
+        if calls["n"] == 21 + 7:
+            self.interrupted = True
+
+    monkeypatch.setattr(fit_mod.Trainer, "_step", step_then_interrupt)
+    model_b, guide_b = make(digits)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model_b, guide_b, loader, epochs=2, out=tmp_path / "b", **FIT)
+    monkeypatch.setattr(fit_mod.Trainer, "_step", original)
+    model_c, guide_c = make(digits)
+    fit(model_c, guide_c, loader, epochs=2, out=tmp_path / "b", resume=True, **FIT)
+    assert torch.equal(params(model_a, guide_a), params(model_c, guide_c))
+
+
+# --- parameters by role -----------------------------------------------------------------------
+
+def test_weight_decay_reaches_point_weights_only(digits):
+    """Nested family: the Gaussian weights' means and scales live on the model's layers, yet are
+    variational: decay must leave them alone (BatchNorm and bias point estimates take it)."""
+    from bayesdyn.models import NestedNet
+    from bayesdyn.nn import nested_mlp
+
+    runs = []
+    x, y = digits.train.tensors
+    for decay in (0.0, 10.0):  # one full-batch SGD step: the gradients themselves are equal
+        torch.manual_seed(0)
+        model = NestedNet(nested_mlp(64, 10, (16,), groups=4, input_shape=(1, 8, 8)), 10,
+                          input_shape=(1, 8, 8))
+        guide = model.default_guide()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        fit(model, guide, (x, y), epochs=1, weight_decay=decay, optimizer="sgd", momentum=0.0,
+            **{**FIT, "batch_size": len(x)})
+        runs.append(dict(model.named_parameters()) | dict(guide.named_parameters()))
+    variational = {"net.blocks.0.layer.weight_mu", "net.blocks.0.layer.weight_log_sigma",
+                   "net.head.weight_mu", "net.head.weight_log_sigma", "rho.0"}
+    for name in runs[0]:
+        same = torch.equal(runs[0][name], runs[1][name])
+        if name in variational:
+            assert same, f"weight decay reached the variational parameter {name}"
+        elif start.get(name, torch.zeros(1)).abs().sum() > 0:  # decay of 0 changes nothing
+            assert not same, f"no weight decay on the point estimate {name}"
+
+
+def test_warmup_holds_the_depth_posterior_only(digits, monkeypatch):
+    """DUN's warm-up: q(d) stays at its initialisation; the network and an AutoNormal over the
+    output weights train from the first epoch."""
+    import importlib
+
+    from bayesdyn.models import DepthNet
+    from bayesdyn.nn import residual_mlp
+
+    fit_mod = importlib.import_module("bayesdyn.inference.fit")
+    torch.manual_seed(0)
+    model = DepthNet(residual_mlp(64, 10, 16, 2, input_shape=(1, 8, 8)), num_classes=10,
+                     input_shape=(1, 8, 8), output_prior_scale=1.0)
+    guide = model.default_guide()
+    guide(*digits.train[:2])
+    start = {n: p.detach().clone() for n, p in guide.named_parameters()}
+    after_epoch = []
+    original = fit_mod.Trainer._end_epoch
+
+    def record(self, *args):
+        after_epoch.append({n: p.detach().clone() for n, p in self.guide.named_parameters()})
+        return original(self, *args)
+
+    monkeypatch.setattr(fit_mod.Trainer, "_end_epoch", record)
+    fit(model, guide, digits, epochs=2, warmup_epochs=1, **FIT)
+    depth_logits = [n for n in start if n.endswith("logits")]
+    assert depth_logits and all(torch.equal(after_epoch[0][n], start[n]) for n in depth_logits)
+    assert all(not torch.equal(after_epoch[1][n], start[n]) for n in depth_logits)
+    assert all(not torch.equal(after_epoch[0][n], start[n]) for n in start if "locs" in n)
+
+
+def test_config_is_validated_before_any_work(digits, tmp_path):
+    model, guide = make(digits)
+    bad = [dict(clip_grad=-1), dict(early_stopping=0), dict(lr=float("nan")), dict(epochs=0),
+           dict(batch_size=2.5), dict(seed=-1), dict(warmup_epochs=3), dict(crop_padding=-1),
+           dict(weight_decay=-1e-4), dict(momentum=1.0)]
+    for options in bad:
+        name = next(iter(options))
+        with pytest.raises(ValueError, match=f"invalid {name}="):
+            fit(model, guide, digits, out=tmp_path, **{"epochs": 2, **FIT, **options})
+    assert not list(tmp_path.iterdir())
+
+
+# --- augmentation and feedback ----------------------------------------------------------------
+
+def test_augmentation_is_torchvisions_crop_and_flip_on_the_device():
+    from bayesdyn.inference.batches import augment
+
+    x = torch.randn(6, 2, 5, 7)
+    g = torch.Generator().manual_seed(3)
+    out = augment(x, g, crop_padding=2, hflip=True)
+    g = torch.Generator().manual_seed(3)  # the same draws, in the same order, by hand
+    dy, dx = torch.randint(0, 5, (6,), generator=g), torch.randint(0, 5, (6,), generator=g)
+    flip = torch.rand(6, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for b in range(6):
+        crop = padded[b, :, dy[b]:dy[b] + 5, dx[b]:dx[b] + 7]
+        assert torch.equal(out[b], crop.flip(-1) if flip[b] else crop)
+    assert 0 < flip.sum() < 6
+
+
+def test_augmented_training_resumes_exactly(digits, tmp_path):
+    aug = dict(crop_padding=1, hflip=True, **FIT)
+    model_a, guide_a = make(digits)
+    fit(model_a, guide_a, digits, epochs=2, out=tmp_path / "a", **aug)
+    model_b, guide_b = make(digits)
+    fit(model_b, guide_b, digits, epochs=1, out=tmp_path / "b", **aug)
+    model_c, guide_c = make(digits)
+    fit(model_c, guide_c, digits, epochs=2, out=tmp_path / "b", resume=True, **aug)
+    assert torch.equal(params(model_a, guide_a), params(model_c, guide_c))
+    model_d, guide_d = make(digits)
+    fit(model_d, guide_d, digits, epochs=2, **FIT)
+    assert not torch.equal(params(model_a, guide_a), params(model_d, guide_d))
+
+
+def test_piped_log_gets_one_line_per_epoch_and_notebooks_get_a_bar(monkeypatch):
+    import subprocess
+    import sys
+
+    from bayesdyn.inference import progress
+
+    code = """
+import torch
+from bayesdyn.data import load
+from bayesdyn.inference import fit
+from bayesdyn.recipes import Recipe, build
+data = load("digits")
+model, guide = build(Recipe("deterministic", depth=1, width=8), data.input_shape, 10)
+fit(model, guide, data, epochs=3, batch_size=256, device="cpu")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("epoch=")]
+    assert len(lines) == 3 and "val_accuracy=" in lines[-1]
+    assert "IProgress" not in result.stderr
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    bar = progress.Progress(None)
+    from tqdm.notebook import tqdm as notebook_tqdm
+
+    assert bar.mode == "bar" and bar._tqdm is notebook_tqdm

@@ -1,16 +1,34 @@
-"""Every tutorial notebook runs top to bottom in smoke mode (digits, a few epochs)."""
+"""Every tutorial notebook is built from its source and runs top to bottom in smoke mode
+(digits, a few epochs)."""
 
+import importlib.util
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+FOLDER = Path(__file__).parents[1] / "notebooks"
+NOTEBOOKS = sorted(FOLDER.glob("*.ipynb"))
+SOURCES = sorted((FOLDER / "sources").glob("*.py"))
 
 
-def test_there_are_notebooks():
-    assert NOTEBOOKS
+def _builder():
+    spec = importlib.util.spec_from_file_location("build_notebooks", FOLDER / "build_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_source_has_its_up_to_date_notebook():
+    assert SOURCES and [s.stem for s in SOURCES] == [n.stem for n in NOTEBOOKS]
+    build = _builder().build
+    for source in SOURCES:
+        committed = nbformat.read(FOLDER / f"{source.stem}.ipynb", as_version=4)
+        fresh = build(source)
+        assert [(c.cell_type, c.source) for c in committed.cells] == \
+            [(c.cell_type, c.source) for c in fresh.cells], \
+            f"{source.stem}.ipynb is stale: run python notebooks/build_notebooks.py"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -23,15 +41,3 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.output_type == "error"]
     assert not errors
-
-
-def test_exits_notebook_matches_its_cell_list():
-    """notebooks/exits.ipynb is generated from EXITS in build_notebooks.py (rebuild after edits)."""
-    import importlib.util
-
-    here = Path(__file__).parents[1] / "notebooks"
-    spec = importlib.util.spec_from_file_location("build_notebooks", here / "build_notebooks.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
-    nb = nbformat.read(here / "exits.ipynb", as_version=4)
-    assert [c.source for c in nb.cells] == [src for _, src in builder.EXITS]

@@ -289,3 +289,35 @@ def test_weight_kl_is_its_expectation_over_the_ordering(float64):
     assert torch.allclose(got, expected, rtol=1e-10)
     for a, b in zip(_grads(got, params), _grads(expected, params), strict=True):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["depth", "nested"])
+def test_weight_autoguide_starts_at_the_network_and_trains(family, digits):
+    """The family's structure guide + a Pyro autoguide over the weights, with defaults that train
+    (Pyro's own start all-zero weights, every unit equal)."""
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    from bayesdyn.guides import weight_autoguide
+    from bayesdyn.inference import predict
+
+    torch.manual_seed(0)
+    if family == "depth":
+        model = DepthNet(residual_mlp(64, 10, 32, 2, input_shape=(1, 8, 8)), num_classes=10,
+                         input_shape=(1, 8, 8), output_prior_scale=1.0)
+        site, value = "output.weight", lambda: model.backbone.output_block.weight
+    else:
+        model = NestedNet(nested_mlp(64, 10, (32,), groups=8, input_shape=(1, 8, 8)), 10,
+                          input_shape=(1, 8, 8))
+        site, value = "blocks.0.layer.weight", lambda: model.grouped(
+            model.net.blocks[0].layer.weight_mu, 8)
+    guide = weight_autoguide(model)
+    guide(*digits.train[:2])
+    loc, scale = guide[1]._get_loc_and_scale(site)
+    assert torch.equal(loc, value()) and torch.allclose(scale, torch.full_like(scale, 1e-3))
+    assert type(guide[0]).__name__ == ("DepthGuide" if family == "depth" else "NestedGuide")
+    fit(model, guide, digits, epochs=4, batch_size=64, lr=3e-3, device="cpu", progress=False)
+    x, y = digits.test.tensors
+    assert (predict(model, guide, x).mean.argmax(-1) == y).float().mean() > 0.7
+    lowrank = weight_autoguide(model, AutoLowRankMultivariateNormal, rank=2)
+    assert torch.isfinite(model.reference_loss().differentiable_loss(model, lowrank,
+                                                                       *digits.train[:8]))

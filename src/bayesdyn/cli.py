@@ -20,6 +20,10 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.handler(args)
+    except KeyboardInterrupt as stop:  # fit saved the state: one line, no traceback
+        saved = f" ({stop})" if str(stop) else ""
+        print(f"bayesdyn {args.command}: interrupted{saved}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as err:
         print(f"bayesdyn {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -39,7 +43,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help=f"one of {', '.join(recipes.IMPLEMENTED)} (planned, not built yet: "
                             f"{', '.join(recipes.PLANNED)})")
     train.add_argument("--dataset", required=True, help="digits, fashion-mnist, mnist, kmnist, "
-                       "cifar10, cifar100 or svhn")
+                       "cifar10, cifar100, svhn; regression: diabetes, toy-1d")
     train.add_argument("--data-root", default=None, help="folder holding the dataset files")
     train.add_argument("--download", action="store_true",
                        help="let torchvision download the dataset (needs a network)")
@@ -79,7 +83,24 @@ def make_parser() -> argparse.ArgumentParser:
                             "through its history")
     train.add_argument("--ood", default="default",
                        help="OOD set for evaluation ('default' per dataset, 'none' to skip)")
+    train.add_argument("--num-samples", type=int, default=8,
+                       help="Monte Carlo draws per input in evaluation (their FLOPs are reported)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    opt = train.add_argument_group("optimisation (see bayesdyn.inference.FitConfig)")
+    opt.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
+    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    opt.add_argument("--weight-decay", type=float, default=0.0,
+                     help="on point-estimate weights only, never on variational parameters")
+    opt.add_argument("--schedule", default="none", choices=("none", "cosine", "multistep"),
+                     help="learning-rate schedule (multistep: x0.1 at 50%% and 75%% of epochs)")
+    opt.add_argument("--warmup-epochs", type=int, default=0,
+                     help="epochs with the structure posterior (q(d), q(z)) held at its start")
+    opt.add_argument("--clip-grad", type=float, default=None, help="maximal gradient norm")
+    opt.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                     help="stop when validation NLL has not improved for PATIENCE epochs")
+    opt.add_argument("--crop-padding", type=int, default=0, metavar="PIXELS",
+                     help="augmentation: random crop after zero padding (images)")
+    opt.add_argument("--hflip", action="store_true", help="augmentation: random horizontal flip")
     train.set_defaults(handler=cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate a run directory again",
@@ -87,7 +108,8 @@ def make_parser() -> argparse.ArgumentParser:
                                     "its checkpoint, evaluate it, rewrite metrics.json and plots.")
     ev.add_argument("run_dir", metavar="DIR")
     ev.add_argument("--ood", default=None, help="OOD set (default: the one used in training)")
-    ev.add_argument("--num-samples", type=int, default=8, help="posterior samples per input")
+    ev.add_argument("--num-samples", type=int, default=None,
+                    help="Monte Carlo draws per input (default: the run's)")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(handler=cmd_evaluate)
 
@@ -109,11 +131,18 @@ def cmd_train(args) -> int:
                             weight_prior=args.weight_prior, exits=args.exits, gamma=args.gamma,
                             gradient_equilibrium=args.gradient_equilibrium,
                             stop_gradient=args.stop_gradient)
+    fit_options = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       optimizer=args.optimizer, momentum=args.momentum,
+                       weight_decay=args.weight_decay,
+                       schedule=None if args.schedule == "none" else args.schedule,
+                       warmup_epochs=args.warmup_epochs, clip_grad=args.clip_grad,
+                       early_stopping=args.early_stopping, crop_padding=args.crop_padding,
+                       hflip=args.hflip)
     metrics = train_run(recipe, dataset=args.dataset, out=out, data_root=args.data_root,
-                        download=args.download, epochs=args.epochs, batch_size=args.batch_size,
-                        lr=args.lr, device=args.device, seed=args.seed, resume=args.resume,
-                        ood=None if args.ood == "none" else args.ood,
-                        progress=False if args.no_progress else None)
+                        download=args.download, device=args.device, seed=args.seed,
+                        resume=args.resume, ood=None if args.ood == "none" else args.ood,
+                        progress=False if args.no_progress else None,
+                        num_samples=args.num_samples, **fit_options)
     print(format_table([metrics]))
     print(f"run directory: {out}")
     return 0
@@ -145,8 +174,12 @@ def cmd_demo(args) -> int:
 
 
 def format_table(results: list[dict], max_budgets: int = 6) -> str:
-    """One row per (method, budget) and the marginalised model."""
-    head = f"{'method':<14} {'budget':<10} {'kFLOPs':>9} {'acc':>7} {'NLL':>7} {'ECE':>7} {'OOD AUROC':>10}"
+    """One row per (method, budget) and the marginalised model (regression: RMSE, the exact
+    mixture NLL and the moment-matched Gaussian NLL)."""
+    regression = all(r.get("task") == "regression" for r in results)
+    columns = (("rmse", "RMSE"), ("nll", "NLL"), ("nll_gaussian", "NLL Gauss")) if regression \
+        else (("accuracy", "acc"), ("nll", "NLL"), ("ece", "ECE"), ("ood_auroc", "OOD AUROC"))
+    head = f"{'method':<14} {'budget':<10} {'kFLOPs':>9} " + " ".join(f"{t:>10}" for _, t in columns)
     lines = [head, "-" * len(head)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in results:
@@ -158,8 +191,7 @@ def format_table(results: list[dict], max_budgets: int = 6) -> str:
         rows += [(b["budget"], b) for b in budgets]
         for name, m in rows:
             lines.append(f"{r['method']:<14} {name:<10} {m['flops'] / 1e3:>9.1f} "
-                         f"{fmt(m['accuracy']):>7} {fmt(m['nll']):>7} {fmt(m['ece']):>7} "
-                         f"{fmt(m['ood_auroc']):>10}")
+                         + " ".join(f"{fmt(m.get(key)):>10}" for key, _ in columns))
     return "\n".join(lines)
 
 

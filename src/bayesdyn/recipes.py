@@ -5,24 +5,27 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .distributions.weight_priors import WEIGHT_PRIORS
 from .guides import DepthGuide, EmptyGuide, NestedGuide
 from .models import BoostedExits, DepthNet, DeterministicNet, MultiExitNet, NestedNet
 from .nn import (
-                 evenly_spaced_exits,
-                 msdnet,
-                 multiexit_mlp,
-                 multiexit_resnet,
-                 nested_convnet,
-                 nested_mlp,
-                 residual_mlp,
-                 resnet18_depth,
-                 resnet50_depth,
-                 vds_convnet,
+    evenly_spaced_exits,
+    msdnet,
+    multiexit_mlp,
+    multiexit_resnet,
+    nested_convnet,
+    nested_mlp,
+    residual_mlp,
+    resnet18_depth,
+    resnet50_depth,
+    vds_convnet,
 )
+from .validation import check_int, check_real
 
 IMPLEMENTED = ("deterministic", "depth", "nested", "nested-dropout", "exits", "boosted-exits")
 PLANNED = ("ensemble",)
 ARCHS = ("mlp", "conv", "resnet18", "resnet50", "msdnet", "resnet")
+REGRESSION_METHODS = ("deterministic", "depth")  # the methods with a Gaussian likelihood
 EXIT_METHODS = ("exits", "boosted-exits")
 EXIT_ARCHS = ("auto", "mlp", "msdnet", "resnet")  # auto: mlp for 8x8 inputs, msdnet otherwise
 
@@ -53,8 +56,22 @@ class Recipe:
                              f"{', '.join(IMPLEMENTED)}")
         if self.arch not in ("auto", *ARCHS):
             raise ValueError(f"unknown arch {self.arch!r}; choose one of auto, {', '.join(ARCHS)}")
-        if self.depth < 1 or self.width < 1:
-            raise ValueError(f"depth and width must be >= 1, got {self.depth}, {self.width}")
+        check_int("depth", self.depth, 1)
+        check_int("width", self.width, 1)
+        if self.prior not in ("uniform", "decaying"):
+            raise ValueError(f"unknown depth prior {self.prior!r}; choose uniform or decaying")
+        check_real("keep_prob", self.keep_prob, 0, 1, open_low=True, open_high=True)
+        if self.weight_prior not in WEIGHT_PRIORS:
+            raise ValueError(f"unknown weight prior {self.weight_prior!r}; choose one of "
+                             f"{', '.join(WEIGHT_PRIORS)}")
+        check_real("prior_scale", self.prior_scale, 0, open_low=True)
+        check_real("kl_weight", self.kl_weight, 0)
+        if self.gumbel_logits not in ("log_probs", "probs"):
+            raise ValueError(f"gumbel_logits must be 'log_probs' or 'probs', got "
+                             f"{self.gumbel_logits!r}")
+        if self.method in ("nested", "nested-dropout") and self.width % 16:
+            raise ValueError(f"nested methods cut every layer into 16 unit groups: --width must "
+                             f"be a multiple of 16 (32 for the conv net), got {self.width}")
         self._check_exits()
 
     def _check_exits(self):
@@ -65,19 +82,24 @@ class Recipe:
         if not exit_method and self.arch in ("msdnet", "resnet"):
             raise ValueError(f"arch {self.arch!r} is a multi-exit backbone for the exits and "
                              f"boosted-exits methods, not {self.method}")
-        if self.exits < 1:
-            raise ValueError(f"exits must be >= 1, got {self.exits}")
+        check_int("exits", self.exits, 1)
+        check_real("gamma", self.gamma, 0)
         if self.method == "exits" and (self.gamma != 0.5 or not self.stop_gradient):
             raise ValueError("gamma and stop_gradient are boosted-exits options; the exits "
                              "method trains each exit on its own")
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def backbone(recipe: Recipe, input_shape, num_classes: int):
+def backbone(recipe: Recipe, input_shape, num_classes: int | None):
+    """The depth stack of ``recipe``; vector inputs (``input_shape = (D,)``) get DUN's fully
+    connected residual net, with one output for regression (``num_classes`` None)."""
+    outputs = 1 if num_classes is None else num_classes
+    if len(input_shape) == 1:
+        if recipe.arch not in ("auto", "mlp"):
+            raise ValueError(f"arch {recipe.arch!r} needs image inputs; {input_shape} are vectors")
+        return residual_mlp(input_shape[0], outputs, recipe.width, recipe.depth, input_relu=False)
     channels, height, width = input_shape
     arch = recipe.arch
     if arch == "auto":
@@ -120,8 +142,13 @@ def exits_backbone(recipe: Recipe, input_shape, num_classes: int):
                             gradient_equilibrium=ge)
 
 
-def build(recipe: Recipe, input_shape, num_classes: int):
-    """``(model, guide)`` for ``recipe`` on inputs of ``input_shape``."""
+def build(recipe: Recipe, input_shape, num_classes: int | None):
+    """``(model, guide)`` for ``recipe`` on inputs of ``input_shape`` (``num_classes`` None:
+    regression, a Gaussian likelihood with a learned noise scale)."""
+    likelihood = "classification" if num_classes is not None else "regression"
+    if likelihood == "regression" and recipe.method not in REGRESSION_METHODS:
+        raise ValueError(f"method {recipe.method!r} is for classification; regression datasets "
+                         f"work with: {', '.join(REGRESSION_METHODS)}")
     if recipe.method in EXIT_METHODS:
         net = exits_backbone(recipe, input_shape, num_classes)
         if recipe.method == "exits":
@@ -138,8 +165,10 @@ def build(recipe: Recipe, input_shape, num_classes: int):
         return model, NestedGuide(model, learn_ordering=recipe.method == "nested",
                                   gumbel_logits=recipe.gumbel_logits)
     stack = backbone(recipe, input_shape, num_classes)
-    if recipe.method == "deterministic":  # the same backbone at full depth, plain cross-entropy
-        model = DeterministicNet(stack.truncated(stack.max_depth), num_classes, input_shape)
+    if recipe.method == "deterministic":  # the same backbone at full depth, maximum likelihood
+        model = DeterministicNet(stack.truncated(stack.max_depth), num_classes, input_shape,
+                                 likelihood=likelihood)
         return model, EmptyGuide(model)
-    model = DepthNet(stack, prior=recipe.prior, num_classes=num_classes, input_shape=input_shape)
+    model = DepthNet(stack, prior=recipe.prior, likelihood=likelihood, num_classes=num_classes,
+                     input_shape=input_shape)
     return model, DepthGuide(model)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from .regression import REGRESSION, regression_arrays
+
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
     "train_x": "train-images-idx3-ubyte",
@@ -32,7 +34,7 @@ TORCHVISION = {
     "cifar100": ("CIFAR100", "train", 3, 32),
     "svhn": ("SVHN", "split", 3, 32),
 }
-DATASETS = ("digits", "fashion-mnist", *TORCHVISION)
+DATASETS = ("digits", "fashion-mnist", *TORCHVISION, *REGRESSION)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -41,17 +43,26 @@ class DataNotFoundError(FileNotFoundError):
 
 @dataclass
 class DataSplits:
-    """A dataset split three ways. ``x`` tensors are ``[N, C, H, W]`` float32, normalised with
-    ``mean``/``std`` (per channel, computed on the training split); ``y`` is ``[N]`` int64."""
+    """A dataset split three ways. ``x`` tensors are float32, ``[N, C, H, W]`` images normalised
+    per channel or ``[N, D]`` vectors standardised per feature (``mean``/``std`` of the training
+    split). Classification: ``y`` is ``[N]`` int64 and ``num_classes`` its count. Regression
+    (``num_classes`` None): ``y`` is ``[N]`` float32, standardised; ``target_mean`` and
+    ``target_std`` give back the original units."""
 
     name: str
     train: TensorDataset
     val: TensorDataset
     test: TensorDataset
-    num_classes: int
+    num_classes: int | None
     input_shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @property
+    def task(self) -> str:
+        return "classification" if self.num_classes is not None else "regression"
 
     def to(self, device: torch.device | str) -> DataSplits:
         """The same splits with every tensor moved to ``device``."""
@@ -60,7 +71,8 @@ class DataSplits:
 
     def __repr__(self) -> str:
         sizes = f"train={len(self.train)}, val={len(self.val)}, test={len(self.test)}"
-        return f"DataSplits({self.name!r}, {sizes}, classes={self.num_classes}, shape={self.input_shape})"
+        kind = f"classes={self.num_classes}" if self.num_classes else "regression"
+        return f"DataSplits({self.name!r}, {sizes}, {kind}, shape={self.input_shape})"
 
 
 def load(
@@ -75,13 +87,16 @@ def load(
 
     Args:
         name: one of ``DATASETS``: ``digits`` (scikit-learn's bundled 8x8 digits, the offline
-            default), ``fashion-mnist`` (IDX files), or a torchvision dataset (``mnist``,
-            ``kmnist``, ``cifar10``, ``cifar100``, ``svhn``) that needs ``download=True`` once.
+            default), ``fashion-mnist`` (IDX files), a torchvision dataset (``mnist``,
+            ``kmnist``, ``cifar10``, ``cifar100``, ``svhn``) that needs ``download=True`` once,
+            or a regression set (``diabetes``: scikit-learn's bundled 442 patients x 10
+            features; ``toy-1d``: a 1-D curve with a gap), with a seeded 20 % test split.
         root: folder with the files. Fashion-MNIST is looked for in ``root``, else
             ``$BAYESDYN_DATA``, else ``/usr/share/datasets/fashion-mnist`` (Debian package
             ``dataset-fashion-mnist``).
         val_fraction: share of the training data held out for validation (0 <= f < 1).
-        seed: seed of the split permutation (the split is the same for the same seed).
+        seed: seed of the split permutations (the same seed, the same split; for digits and
+            the regression sets it also picks the test split).
         download: allow torchvision to download into ``root`` (default ``~/.cache/bayesdyn``).
         image_size: resize images to ``image_size`` x ``image_size`` (e.g. 28 for digits next to
             MNIST-shaped data).
@@ -91,6 +106,9 @@ def load(
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if key in REGRESSION:
+        (x_tr, y_tr), (x_te, y_te) = regression_arrays(key, seed)
+        return _split_and_standardise(key, x_tr, y_tr, x_te, y_te, val_fraction, seed)
     if key == "digits":
         (x_tr, y_tr), (x_te, y_te) = _digits_arrays(seed)
     elif key == "fashion-mnist":
@@ -134,6 +152,21 @@ def _split_and_normalise(name, x_tr, y_tr, x_te, y_te, val_fraction, seed, image
         mean=tuple(mean.tolist()),
         std=tuple(std.tolist()),
     )
+
+
+def _split_and_standardise(name, x_tr, y_tr, x_te, y_te, val_fraction, seed):
+    """Vector inputs and real targets: features and targets standardised on the training split."""
+    perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(val_fraction * len(x_tr)))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    x_mean, x_std = x_tr[train_idx].mean(0), x_tr[train_idx].std(0).clamp_min(1e-6)
+    y_mean, y_std = float(y_tr[train_idx].mean()), float(y_tr[train_idx].std().clamp_min(1e-6))
+    pair = lambda x, y: TensorDataset((x - x_mean) / x_std, (y - y_mean) / y_std)  # noqa: E731
+    return DataSplits(name=name, train=pair(x_tr[train_idx], y_tr[train_idx]),
+                      val=pair(x_tr[val_idx], y_tr[val_idx]), test=pair(x_te, y_te),
+                      num_classes=None, input_shape=tuple(x_tr.shape[1:]),
+                      mean=tuple(x_mean.tolist()), std=tuple(x_std.tolist()),
+                      target_mean=y_mean, target_std=y_std)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -16,6 +16,8 @@ mask is ``m_j = 1[j <= z]``, ``j = 1..K`` (non-increasing in ``j``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from pyro.distributions import Categorical, RelaxedOneHotCategorical, TorchDistribution
@@ -85,6 +87,9 @@ class TruncatedGeometric(OrderingDistribution):
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         self.keep_prob = torch.as_tensor(keep_prob, dtype=torch.get_default_dtype()) \
             if not torch.is_tensor(keep_prob) else keep_prob
+        if not (torch.isfinite(self.keep_prob).all() and ((self.keep_prob > 0)
+                                                          & (self.keep_prob < 1)).all()):
+            raise ValueError(f"keep_prob must be in (0, 1), got {keep_prob}")
         self._k = int(num_groups)
         super().__init__(self.keep_prob.shape, validate_args=validate_args)
 
@@ -114,7 +119,10 @@ class StickBreakingOrdering(OrderingDistribution):
         if (keep_probs is None) == (keep_logits is None):
             raise ValueError("pass exactly one of keep_probs or keep_logits")
         if keep_logits is None:
-            keep_logits = torch.logit(torch.as_tensor(keep_probs))
+            keep_probs = torch.as_tensor(keep_probs)
+            if not (torch.isfinite(keep_probs).all() and ((keep_probs >= 0) & (keep_probs <= 1)).all()):
+                raise ValueError("keep_probs must be probabilities in [0, 1]")
+            keep_logits = torch.logit(keep_probs)
         keep_logits = torch.as_tensor(keep_logits)
         if keep_logits.dim() < 1 or keep_logits.shape[-1] < 1:
             raise ValueError("keep probabilities must have shape [..., K] with K >= 1")
@@ -202,10 +210,19 @@ class Downhill(TorchDistribution):
             raise ValueError("pass exactly one of probs or logits")
         if logits is None:
             probs = torch.as_tensor(probs)
+            if not torch.isfinite(probs).all() or (probs < 0).any() or \
+                    not torch.allclose(probs.sum(-1), torch.ones((), dtype=probs.dtype), atol=1e-4):
+                raise ValueError("Downhill probs must be a probability vector over {0..K} "
+                                 "(finite, >= 0, summing to 1); pass log-probabilities or "
+                                 "unnormalised scores as logits instead")
             logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        elif torch.isnan(torch.as_tensor(logits)).any() or (torch.as_tensor(logits) == math.inf).any():
+            raise ValueError("Downhill logits must be finite (or -inf for impossible cuts)")
         self.logits = logits - logits.logsumexp(-1, keepdim=True)
         self.temperature = torch.as_tensor(temperature, dtype=self.logits.dtype,
                                            device=self.logits.device)
+        if not (torch.isfinite(self.temperature).all() and (self.temperature > 0).all()):
+            raise ValueError(f"Downhill temperature must be finite and > 0, got {temperature}")
         self.hard = hard
         if self.logits.shape[-1] < 2:
             raise ValueError("an ordering needs at least 2 categories (K >= 1)")

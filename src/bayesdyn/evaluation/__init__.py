@@ -9,7 +9,9 @@ from .metrics import (
                       classification_metrics,
                       ece,
                       entropy,
+                      mixture_moments,
                       nll,
+                      regression_metrics,
                       reliability,
                       uncertainty,
 )
@@ -25,6 +27,7 @@ from .protocols import (
 
 __all__ = ["SCORES", "accuracy", "apply_thresholds", "brier", "budgeted_batch",
            "classification_metrics", "ece", "entropy", "evaluate", "exit_proportions",
-           "forward_flops", "marginal_cost", "measure", "nll", "ood_metrics", "parameter_count",
-           "plots", "prediction_flops", "reliability", "select_thresholds", "uncertainty"]
+           "forward_flops", "marginal_cost", "measure", "mixture_moments", "nll", "ood_metrics",
+           "parameter_count", "plots", "prediction_flops", "regression_metrics", "reliability",
+           "select_thresholds", "uncertainty"]
 __all__ += ["flat_curve", "thresholds_per_level"]

@@ -47,7 +47,10 @@ def prediction_flops(model, input_shape, guide=None, budget=None, num_samples: i
     x = torch.zeros(1, *input_shape, device=_device(model))
     counter = FlopCounterMode(display=False)
     with _EvalMode(model, guide), counter:
-        model.predict_probs(guide, x, budget=budget, num_samples=num_samples)
+        if getattr(model, "likelihood", "classification") == "regression":
+            model.regression_mixture(guide, x, budget)
+        else:
+            model.predict_probs(guide, x, budget=budget, num_samples=num_samples)
     return int(counter.get_total_flops())
 
 

@@ -7,6 +7,8 @@ confidence of exactly 1.0 is counted (the MSDNet/WACV code drops it, methods.md 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 EPS = 1e-12
@@ -41,19 +43,20 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
 def reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
                 adaptive: bool = False) -> dict[str, torch.Tensor]:
     """Per-bin ``count``, mean ``confidence`` and ``accuracy`` of the top-1 prediction, with bin
-    ``edges`` ``[n_bins + 1]``. ``adaptive=True`` uses equal-mass bins (adaptive ECE)."""
+    ``edges`` ``[n_bins + 1]``. ``adaptive=True`` uses equal-mass bins (adaptive ECE), whose
+    edges are the confidences at ranks ``i N / n_bins``; an input belongs to a bin by its value,
+    so tied confidences share a bin whatever their order (bins may then hold unequal counts)."""
     _check(probs, labels)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     conf, pred = probs.double().max(-1)
     correct = (pred == labels).double()
-    if adaptive:
-        order = conf.argsort()
-        bin_of = torch.empty_like(order)
-        bin_of[order] = torch.arange(len(conf), device=conf.device) * n_bins // max(len(conf), 1)
-        sorted_conf = conf[order]
-        cuts = [sorted_conf[(i * len(conf)) // n_bins] for i in range(1, n_bins)] if len(conf) else []
-        edges = torch.tensor([0.0, *[float(c) for c in cuts], 1.0], dtype=torch.float64)
+    if adaptive:  # equal-mass edges from the sorted confidences; ties always share a bin
+        sorted_conf = conf.sort().values
+        cut_at = torch.arange(1, n_bins, device=conf.device) * len(conf) // n_bins
+        cuts = sorted_conf[cut_at] if len(conf) else sorted_conf.new_zeros(0)
+        bin_of = torch.searchsorted(cuts, conf, right=True)
+        edges = torch.cat([cuts.new_zeros(1), cuts, cuts.new_ones(1)]).cpu()
     else:
         edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
         bin_of = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
@@ -101,3 +104,31 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor,
     return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels),
             "brier": brier(probs, labels), "ece": ece(probs, labels, n_bins),
             "adaptive_ece": ece(probs, labels, n_bins, adaptive=True)}
+
+
+def mixture_moments(log_weights: torch.Tensor, means: torch.Tensor, scale) -> tuple:
+    """Mean and variance ``[N]`` of the Gaussian mixture ``sum_k w_k N(means[k], scale^2)``
+    (``log_weights [K]``, ``means [K, N]``, ``scale`` a number or ``[K, N]``)."""
+    w = log_weights.double().exp()[:, None]
+    means = means.double()
+    mean = (w * means).sum(0)
+    second = (w * (torch.as_tensor(scale, dtype=torch.float64) ** 2 + means**2)).sum(0)
+    return mean, (second - mean**2).clamp_min(0)
+
+
+def regression_metrics(log_weights: torch.Tensor, means: torch.Tensor, scale, y: torch.Tensor,
+                       target_std: float = 1.0) -> dict[str, float]:
+    """Dataset-level metrics of a Gaussian-mixture predictive on standardised targets ``y [N]``,
+    in the original units (``target_std`` undoes the scaling): ``rmse`` of the predictive mean,
+    ``nll`` under the exact mixture, ``nll_gaussian`` under the moment-matched Gaussian (the one
+    DUN's tables use)."""
+    y = y.double()
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    mean, var = mixture_moments(log_weights, means, scale)
+    log_units = math.log(target_std)
+    component = torch.distributions.Normal(means.double(), scale).log_prob(y)  # [K, N]
+    log_p = torch.logsumexp(log_weights.double()[:, None] + component, 0)
+    gauss = torch.distributions.Normal(mean, var.sqrt()).log_prob(y)
+    return {"rmse": float(((mean - y) ** 2).mean().sqrt()) * target_std,
+            "nll": float(-log_p.mean()) + log_units,
+            "nll_gaussian": float(-gauss.mean()) + log_units}

@@ -96,3 +96,39 @@ def structure_posterior(probs, prior=None, name: str = "depth", labels=None, tit
     ax.legend()
     ax.set_title(title or f"Posterior over {name}")
     return _save(fig, path)
+
+
+def regression_bands(model, guide, data, points: int = 300, title: str = "", path=None):
+    """1-D regression: the training data, the marginal predictive mean with a ±2 sd band, and
+    the mean of every budget (e.g. every depth), in the data's original units."""
+    import torch
+
+    from ..inference.predict import predict_normal
+
+    x_train, y_train = (t.cpu() for t in data.train.tensors)
+    lo, hi = float(x_train.min()), float(x_train.max())
+    pad = 0.25 * (hi - lo)
+    grid = torch.linspace(lo - pad, hi + pad, points)[:, None]
+    unscale_x = lambda x: (x * data.std[0] + data.mean[0]).numpy().ravel()  # noqa: E731
+    unscale_y = lambda y: (y * data.target_std + data.target_mean).numpy()  # noqa: E731
+    device = next(model.parameters()).device
+    marginal = predict_normal(model, guide, grid.to(device))
+    mean, sd = marginal.mean, marginal.variance.sqrt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(unscale_x(x_train), unscale_y(y_train), s=6, c="gray", alpha=0.6, label="training data")
+    gx = unscale_x(grid)
+    budgets = model.budgets(guide)
+    for i, b in enumerate(budgets):
+        m = predict_normal(model, guide, grid.to(device), b).means[0]
+        ax.plot(gx, unscale_y(m), lw=0.8, alpha=0.6, color=plt.cm.viridis(i / max(len(budgets) - 1, 1)),
+                label=b.name if i in (0, len(budgets) - 1) else None)
+    ax.plot(gx, unscale_y(mean), "k", lw=2, label="marginal mean")
+    ax.fill_between(gx, unscale_y(mean - 2 * sd), unscale_y(mean + 2 * sd), color="tab:blue",
+                    alpha=0.2, label="marginal ±2 sd")
+    y_lo, y_hi = float(unscale_y(y_train).min()), float(unscale_y(y_train).max())
+    ax.set_ylim(y_lo - 0.75 * (y_hi - y_lo), y_hi + 0.75 * (y_hi - y_lo))  # extrapolation may explode
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Predictive distribution")
+    return _save(fig, path)

@@ -3,7 +3,7 @@
 
 from .depth import DepthGuide
 from .empty import EmptyGuide
-from .init import init_to_network
+from .init import init_to_network, weight_autoguide
 from .nested import NestedGuide
 
-__all__ = ["DepthGuide", "EmptyGuide", "NestedGuide", "init_to_network"]
+__all__ = ["DepthGuide", "EmptyGuide", "NestedGuide", "init_to_network", "weight_autoguide"]

@@ -7,60 +7,106 @@ the family's fast path when the model knows the guide, else from Pyro's own ELBO
 
 A training step never synchronises with the device: the loss is accumulated on the device and
 the first non-finite step is recorded there; both are read at logging points and epoch ends.
+
+Parameters are told apart by role, not by the module that holds them: weight decay reaches only
+point-estimate weights (never a guide's or a model-held variational parameter, see
+``DynamicModel.variational_parameters``), and the warm-up holds only the structure posterior
+(``DynamicModel.structure_parameters``: q(d), q(z)) at its initialisation.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..validation import check_inputs, resolve_device
-from .checkpoint import CHECKPOINT, atomic_save, load_checkpoint, rng_state, set_rng_state
-from .predict import _EvalMode, predict
+from ..evaluation.metrics import regression_metrics
+from ..validation import resolve_device
+from .batches import augment, training_sources
+from .checkpoint import (
+    CHECKPOINT,
+    atomic_save,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    set_rng_state,
+    write_json,
+)
+from .predict import _EvalMode, predict, predict_normal
+from .progress import Progress
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss became NaN or Inf."""
 
 
 @dataclass
 class FitConfig:
+    """Training options (validated on construction, before any work)."""
+
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | adamw | sgd
     momentum: float = 0.9
-    weight_decay: float = 0.0  # on model parameters only, never on variational parameters
+    weight_decay: float = 0.0  # on point-estimate weights only (never variational parameters)
     schedule: str | None = None  # None | cosine | multistep
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of `epochs` (multistep)
     gamma: float = 0.1
-    clip_grad: float | None = None
-    warmup_epochs: int = 0  # guide parameters frozen for the first epochs (DUN's q warm-up)
+    clip_grad: float | None = None  # max gradient norm
+    warmup_epochs: int = 0  # the structure posterior held at its init (DUN's q warm-up)
     early_stopping: int | None = None  # patience in epochs on validation NLL
     objective: str = "auto"  # auto | fast | pyro
+    crop_padding: int = 0  # augmentation: random crop after zero padding (images)
+    hflip: bool = False  # augmentation: random horizontal flip (images)
     seed: int = 0
     log_every: int = 50
 
     def __post_init__(self):
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
-                  "lr": self.lr > 0, "optimizer": self.optimizer in ("adam", "adamw", "sgd"),
-                  "schedule": self.schedule in (None, "cosine", "multistep"),
-                  "objective": self.objective in ("auto", "fast", "pyro"),
-                  "warmup_epochs": self.warmup_epochs >= 0}
-        for name, ok in checks.items():
+        checks = {
+            "epochs": (_is_int(self.epochs) and self.epochs >= 1, "an integer >= 1"),
+            "batch_size": (_is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
+            "lr": (_finite(self.lr) and self.lr > 0, "a finite number > 0"),
+            "optimizer": (self.optimizer in ("adam", "adamw", "sgd"), "adam, adamw or sgd"),
+            "momentum": (_finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
+            "weight_decay": (_finite(self.weight_decay) and self.weight_decay >= 0,
+                             "a finite number >= 0"),
+            "schedule": (self.schedule in (None, "cosine", "multistep"), "None, cosine or multistep"),
+            "milestones": (all(_finite(m) and 0 < m < 1 for m in self.milestones),
+                           "fractions of the epochs in (0, 1)"),
+            "gamma": (_finite(self.gamma) and 0 < self.gamma <= 1, "in (0, 1]"),
+            "clip_grad": (self.clip_grad is None or (_finite(self.clip_grad) and self.clip_grad > 0),
+                          "None or a finite number > 0 (the maximal gradient norm)"),
+            "warmup_epochs": (_is_int(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
+                              f"an integer in [0, epochs={self.epochs})"),
+            "early_stopping": (self.early_stopping is None or (_is_int(self.early_stopping)
+                                                               and self.early_stopping >= 1),
+                               "None or a patience of >= 1 epochs"),
+            "objective": (self.objective in ("auto", "fast", "pyro"), "auto, fast or pyro"),
+            "crop_padding": (_is_int(self.crop_padding) and self.crop_padding >= 0,
+                             "an integer >= 0 (pixels)"),
+            "hflip": (isinstance(self.hflip, bool), "True or False"),
+            "seed": (_is_int(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
+            "log_every": (_is_int(self.log_every) and self.log_every >= 1, "an integer >= 1"),
+        }
+        for name, (ok, expected) in checks.items():
             if not ok:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}")
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected {expected}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -73,16 +119,26 @@ class History:
         return [e[key] for e in self.epochs]
 
 
-def fit(model, guide, data, *, device="auto", out=None, resume: bool = False,
+def fit(model, guide, data, *, val=None, device="auto", out=None, resume: bool = False,
         progress: bool | None = None, **config) -> History:
-    """Train ``model``/``guide`` on ``data.train`` (``DataSplits``), validating every epoch.
+    """Train ``model``/``guide`` on ``data``, validating every epoch.
 
-    Keyword arguments are those of ``FitConfig`` (epochs, batch_size, lr, optimizer, ...).
-    ``out``: run folder for ``checkpoint.pt`` (written atomically every epoch and on Ctrl-C) and
-    ``history.json``; ``resume=True`` continues from it up to ``epochs`` in total, reproducing
-    the uninterrupted run. ``progress``: tqdm bar (default: only on a terminal).
+    Args:
+        data: a ``DataSplits`` (trains on ``.train``, validates on ``.val``), an ``(x, y)`` pair
+            of tensors, a ``TensorDataset`` or a ``DataLoader`` of ``(x, y)`` batches (its own
+            batch size and order apply; exact resumption needs its shuffle to come from torch's
+            global RNG or a seeded generator of its own).
+        val: validation data of the same kinds (optional; not with a ``DataSplits``).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
+        out: run folder for ``checkpoint.pt`` (written atomically every epoch and on Ctrl-C)
+            and ``history.json``; ``resume=True`` continues from it up to ``epochs`` in total,
+            reproducing the uninterrupted run.
+        progress: ``True`` a bar, ``False`` silent, ``None`` a bar in a terminal or Jupyter and
+            one line per epoch elsewhere (a piped log).
+        **config: the ``FitConfig`` options (epochs, batch_size, lr, optimizer, weight_decay,
+            warmup_epochs, crop_padding, hflip, ...).
     """
-    trainer = Trainer(model, guide, data, FitConfig(**config), resolve_device(device), out,
+    trainer = Trainer(model, guide, data, val, FitConfig(**config), resolve_device(device), out,
                       progress)
     if resume:
         trainer.restore()
@@ -90,28 +146,34 @@ def fit(model, guide, data, *, device="auto", out=None, resume: bool = False,
 
 
 class Trainer:
-    def __init__(self, model, guide, data, config: FitConfig, device, out, progress):
+    def __init__(self, model, guide, data, val, config: FitConfig, device, out, progress):
         self.config, self.device = config, device
         self.out = Path(out) if out is not None else None
-        x, y = data.train.tensors
+        if self.out is not None and self.out.is_dir():
+            remove_stale_temporaries(self.out)  # left by a killed run
+        train, val = training_sources(data, val)
         classes, shape = getattr(model, "num_classes", None), getattr(model, "input_shape", None)
-        check_inputs(x, y, classes, shape, what="training inputs")
-        check_inputs(*data.val.tensors, classes, shape, what="validation inputs")
+        regression = getattr(model, "likelihood", "classification") == "regression"
+        train.check(classes, shape, "training inputs", regression)
+        if val is not None:
+            val.check(classes, shape, "validation inputs", regression)
         _seed_everything(config.seed)
         self.model, self.guide = model.to(device), guide.to(device)
-        self.data = data.to(device)
-        self.n = len(x)
+        dtype = next(model.parameters()).dtype
+        self.train_data = train.to(device, dtype)
+        self.val_data = None if val is None else val.to(device, dtype)
+        self.n = len(train)
         self.loss_fn, objective = self._objective()
         self.history = History(objective=objective)
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         self.start_epoch, self.start_step, self.best = 0, 0, None
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = Progress(progress)
         self.interrupted = False
 
     # --- set-up -------------------------------------------------------------------------------
     def _objective(self):
-        x, y = (t[: min(2, self.n)] for t in self.data.train.tensors)
+        x, y = self.train_data.head(2)
         # eval mode: the probes must not touch BatchNorm statistics
         with torch.no_grad(), _EvalMode(self.model, self.guide):
             self.guide(x, y, dataset_size=self.n)  # lazy autoguides create their parameters
@@ -127,11 +189,15 @@ class Trainer:
 
     def _optimizer(self):
         c = self.config
-        guide_ids = {id(p) for p in self.guide.parameters()}
-        model_params = [p for p in self.model.parameters() if id(p) not in guide_ids]
-        groups = [{"params": [p for p in model_params if p.requires_grad],
-                   "weight_decay": c.weight_decay},
-                  {"params": list(self.guide.parameters()), "weight_decay": 0.0}]
+        variational = {id(p) for p in self.guide.parameters()}
+        variational |= {id(p) for p in self.model.variational_parameters()}
+        decayed = [p for p in self.model.parameters() if p.requires_grad and id(p) not in variational]
+        structure = {id(p) for p in self._structure()}  # trainable after the warm-up
+        not_decayed = [p for p in {id(p): p for p in [*self.model.parameters(),
+                                                      *self.guide.parameters()]}.values()
+                       if id(p) in variational and (p.requires_grad or id(p) in structure)]
+        groups = [{"params": decayed, "weight_decay": c.weight_decay},
+                  {"params": not_decayed, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         if c.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
@@ -162,9 +228,7 @@ class Trainer:
         if self.out is None:
             return
         atomic_save(self.state(epoch, step, running), self.out / CHECKPOINT)
-        tmp = self.out / ".history.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.history), indent=1))
-        tmp.replace(self.out / "history.json")
+        write_json(self.out / "history.json", asdict(self.history))
 
     def restore(self) -> None:
         if self.out is None:
@@ -209,24 +273,29 @@ class Trainer:
             raise KeyboardInterrupt
         self.interrupted = True
 
+    def _structure(self) -> list:
+        return list(self.model.structure_parameters(self.guide))
+
     def _train_epoch(self, epoch: int) -> bool:
         """One epoch; returns False when training should stop."""
         c, started = self.config, time.perf_counter()
-        x, y = self.data.train.tensors
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
-        batches = order.to(self.device).split(c.batch_size)
         running = self._running_state(epoch)
-        self.guide.requires_grad_(epoch >= c.warmup_epochs)
+        num_batches = self.train_data.num_batches(c.batch_size)
+        batches = self.train_data.batches(epoch, c.seed, c.batch_size, self.start_step,
+                                          running["epoch_rng"])
+        for p in self._structure():  # DUN's warm-up: q(d) held, everything else trains
+            p.requires_grad_(epoch >= c.warmup_epochs)
         self.model.train()
         self.guide.train()
-        bar = tqdm(total=len(batches), initial=self.start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
-                   disable=not self.progress, leave=False)
-        for step in range(self.start_step, len(batches)):
-            loss, terms = self.loss_fn(x[batches[step]], y[batches[step]])
+        bar = self.progress.bar(num_batches, self.start_step, f"epoch {epoch + 1}/{c.epochs}")
+        for step, (xb, yb) in enumerate(batches, start=self.start_step):
+            if c.crop_padding or c.hflip:
+                xb = self._augment(xb, epoch, step)
+            loss, terms = self.loss_fn(xb, yb)
             self._step(loss / self.n)
             self._accumulate(running, loss, terms, step)
             bar.update()
-            if self.progress and (step + 1) % c.log_every == 0:
+            if (step + 1) % c.log_every == 0 and self.progress.mode == "bar":
                 bar.set_postfix(self._means(running, step + 1))
             if self.interrupted:
                 self._check_finite(running, epoch)
@@ -236,7 +305,15 @@ class Trainer:
         bar.close()
         self.start_step = 0
         self._check_finite(running, epoch)
-        return self._end_epoch(epoch, running, len(batches), time.perf_counter() - started)
+        return self._end_epoch(epoch, running, num_batches, time.perf_counter() - started)
+
+    def _augment(self, x, epoch, step):
+        if x.dim() != 4:
+            raise ValueError(f"crop_padding/hflip augment images [B, C, H, W]; the inputs have "
+                             f"shape {tuple(x.shape)}")
+        seed = (self.config.seed * 100_003 + epoch) * 1_000_003 + step
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        return augment(x, generator, self.config.crop_padding, self.config.hflip)
 
     def _step(self, loss):
         self.optimizer.zero_grad(set_to_none=True)
@@ -253,7 +330,8 @@ class Trainer:
             return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in running.items()}
         zero = torch.zeros((), device=self.device, dtype=torch.float64)
         return {"loss": zero.clone(), "terms": {},
-                "bad_step": torch.full((), -1, device=self.device)}
+                "bad_step": torch.full((), -1, device=self.device),
+                "epoch_rng": rng_state()}  # a streamed epoch is replayed from it on resume
 
     def _accumulate(self, running, loss, terms, step):
         running["loss"] += loss.detach()
@@ -273,29 +351,46 @@ class Trainer:
     def _check_finite(self, running, epoch):
         bad = int(running["bad_step"])
         if bad >= 0:
-            kept = f"; the last good checkpoint is kept in {self.out}" if self.out else ""
+            kept = ""
+            if self.out is not None and (self.out / CHECKPOINT).is_file():
+                kept = f"; the last good checkpoint is kept in {self.out / CHECKPOINT}"
+            elif self.out is not None:
+                kept = f"; no checkpoint was written to {self.out} (it diverged in the first epoch)"
             raise TrainingDivergedError(
                 f"loss became NaN/Inf at epoch {epoch + 1}, step {bad + 1}{kept}. Lower the "
                 "learning rate, set clip_grad, or check the inputs for extreme values.")
 
     def _end_epoch(self, epoch, running, steps, seconds) -> bool:
-        x_val, y_val = self.data.val.tensors
         record = {"epoch": epoch + 1, **self._means(running, steps),
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3)}
-        if len(x_val):
-            pred = predict(self.model, self.guide, x_val, num_samples=4)
-            p_true = pred.mean.gather(-1, y_val.cpu()[:, None]).clamp_min(1e-12)
-            record["val_accuracy"] = float((pred.mean.argmax(-1) == y_val.cpu()).float().mean())
-            record["val_nll"] = float(-p_true.log().mean())
+        record.update(self._validate())
         self.history.epochs.append(record)
         if self.scheduler is not None:
             self.scheduler.step()
         stop = self._early_stopping(record)
         self.save(epoch + 1)
-        if not self.progress:
-            return not stop
-        tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+        self.progress.epoch_done(record)
         return not stop
+
+    def _validate(self) -> dict:
+        """Validation accuracy and NLL (regression: RMSE and NLL), dataset-level, of the
+        structure-marginalised predictive."""
+        if self.val_data is None:
+            return {}
+        if getattr(self.model, "likelihood", "classification") == "regression":
+            x, y = (torch.cat(parts) for parts in zip(*self.val_data.all_batches(2048),
+                                                       strict=True))
+            pred = predict_normal(self.model, self.guide, x)
+            m = regression_metrics(pred.log_weights, pred.means, pred.scale, y.cpu())
+            return {"val_rmse": m["rmse"], "val_nll": m["nll"]}  # standardised units
+        hits, nll, n = 0.0, 0.0, 0
+        for xb, yb in self.val_data.all_batches(2048):
+            mean = predict(self.model, self.guide, xb, num_samples=4).mean
+            yb = yb.cpu()
+            hits += float((mean.argmax(-1) == yb).sum())
+            nll -= float(mean.gather(-1, yb[:, None]).clamp_min(1e-12).log().sum())
+            n += len(yb)
+        return {"val_accuracy": hits / n, "val_nll": nll / n}
 
     def _early_stopping(self, record) -> bool:
         c = self.config

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..evaluation.metrics import uncertainty
+from ..evaluation.metrics import mixture_moments, uncertainty
 from ..validation import check_inputs
 
 
@@ -46,14 +46,16 @@ def predict(model, guide, x: torch.Tensor, budget=None, num_samples: int = 8,
     """Predictive distribution of ``model`` at ``budget`` (``None``: marginalised over the
     structure) for inputs ``x [N, ...]``, ``num_samples`` posterior draws per input, evaluated
     in chunks of ``batch_size`` inputs (memory stays bounded for large ``N``)."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     check_inputs(x, input_shape=getattr(model, "input_shape", None))
-    device = next(model.parameters()).device
+    if len(x) == 0:
+        raise ValueError("x is empty: pass at least one input to predict")
+    param = next(model.parameters())
     chunks, weights = [], None
     with _EvalMode(model, guide):
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(device, non_blocking=True)
+        for start in range(0, len(x), batch_size):  # inputs take the model's device and dtype
+            xb = x[start:start + batch_size].to(param.device, param.dtype, non_blocking=True)
             samples = model.predict_probs(guide, xb, budget=budget, num_samples=num_samples)
             chunks.append(samples.probs.float().cpu())
             weights = samples.weights.double().cpu() if weights is None else weights
@@ -62,3 +64,41 @@ def predict(model, guide, x: torch.Tensor, budget=None, num_samples: int = 8,
     mean = torch.einsum("s,snc->nc", weights, probs.double()).float()
     return Prediction(probs, weights, mean, terms["total"].float(), terms["aleatoric"].float(),
                       terms["epistemic"].float())
+
+
+@dataclass
+class NormalMixture:
+    """Regression predictive of ``N`` inputs: ``sum_k exp(log_weights[k]) N(means[k], scale^2)``
+    with ``log_weights [K]``, ``means [K, N]`` and a shared ``scale`` (standardised units)."""
+
+    log_weights: torch.Tensor
+    means: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return mixture_moments(self.log_weights, self.means, self.scale)[0].float()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return mixture_moments(self.log_weights, self.means, self.scale)[1].float()
+
+
+@torch.no_grad()
+def predict_normal(model, guide, x: torch.Tensor, budget=None,
+                   batch_size: int = 2048) -> NormalMixture:
+    """The Gaussian-mixture predictive of a regression model at ``budget`` (``None``:
+    marginalised over the structure) for inputs ``x [N, ...]``, in chunks of ``batch_size``."""
+    if getattr(model, "likelihood", "classification") != "regression":
+        raise TypeError(f"{type(model).__name__} is not a regression model: use predict")
+    check_inputs(x, input_shape=getattr(model, "input_shape", None))
+    if len(x) == 0:
+        raise ValueError("x is empty: pass at least one input to predict")
+    param = next(model.parameters())
+    means = []
+    with _EvalMode(model, guide):
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size].to(param.device, param.dtype, non_blocking=True)
+            log_weights, m, scale = model.regression_mixture(guide, xb, budget)
+            means.append(m.float().cpu())
+    return NormalMixture(log_weights.float().cpu(), torch.cat(means, 1), scale.float().cpu())

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..params import RenamedOnCopy, register_parameters, unique_name
-from ..validation import check_inputs
+from ..validation import check_inputs, check_int
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class DynamicModel(RenamedOnCopy, nn.Module):
 
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None  # checked at the public boundary when known
+    likelihood: str = "classification"  # or "regression": then regression_mixture, not predict_probs
     # The Pyro ELBO that serves as reference for this family's fast path.
     reference_elbo: type[pyro.infer.ELBO] = pyro.infer.Trace_ELBO
     max_plate_nesting: int = 1
@@ -69,7 +70,12 @@ class DynamicModel(RenamedOnCopy, nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
                 dataset_size: int | None = None):
-        check_inputs(x, y, self.num_classes, self.input_shape)
+        check_inputs(x, y, self.num_classes, self.input_shape,
+                     regression=self.likelihood == "regression")
+        dtype = next(self.parameters()).dtype
+        x = x.to(dtype)  # float64 data meets float32 weights here, not deep inside a layer
+        if y is not None and y.is_floating_point():
+            y = y.to(dtype)
         register_parameters(self)  # so SVI + pyro.optim train the weights
         return self.model(x, y, dataset_size)
 
@@ -110,11 +116,44 @@ class DynamicModel(RenamedOnCopy, nn.Module):
         weighted samples ``[S, B, C]``."""
         raise NotImplementedError
 
+    def regression_mixture(self, guide, x: torch.Tensor, budget: Budget | None = None):
+        """Regression families: the Gaussian-mixture predictive ``(log_weights [K],
+        means [K, B], scale)`` at ``budget`` (``None``: marginalised over the structure)."""
+        raise NotImplementedError
+
     def prepare_evaluation(self, train, guide=None) -> None:
         """Called by ``evaluate`` before predicting at the budgets, with the training split (a
         ``TensorDataset`` of inputs and labels): nested nets re-estimate BatchNorm statistics per
         width, a marginal-likelihood DepthNet computes its exact depth posterior. Default:
         nothing."""
+
+    def component_log_likelihood(self, guide, x: torch.Tensor, y: torch.Tensor):
+        """For a predictive that is an exact mixture over a discrete structure with point
+        weights: ``(log_weights [K], log p(y_n | x_n, component k) [K, N])``, from which
+        ``bayesdyn.inference.loo`` computes an exact leave-one-out. ``None`` (the default) when
+        the posterior is only known through draws (then PSIS-LOO applies)."""
+        return None
+
+    def structure_sites(self) -> list[str]:
+        """Names of the sample sites of the latent structure (depth, orderings, ...)."""
+        return []
+
+    def structure_guide(self, blocked_model):
+        """The family's own guide of the structure sites, for ``blocked_model`` (this model
+        with only those sites exposed), to compose with a weight guide in an
+        ``AutoGuideList`` (see ``bayesdyn.guides.weight_autoguide``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent structure")
+
+    def variational_parameters(self) -> list[nn.Parameter]:
+        """Parameters the model holds that belong to a variational posterior (e.g. the means
+        and scales of Bayesian layers): ``fit`` never applies weight decay to them, as to any
+        guide parameter. Default: none."""
+        return []
+
+    def structure_parameters(self, guide) -> list[nn.Parameter]:
+        """The parameters of the structure posterior in ``guide`` (q(d), q(z)), which
+        ``fit(warmup_epochs=...)`` holds at their initialisation. Default: none."""
+        return []
 
     def network_values(self) -> dict[str, torch.Tensor]:
         """The network's current value of every weight sample site of ``model``, by site name
@@ -125,6 +164,38 @@ class DynamicModel(RenamedOnCopy, nn.Module):
     def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
         """Posterior over the structure, e.g. ``{"depth": q(d) [D+1]}`` (may be empty)."""
         return {}
+
+
+def output_size(net: nn.Module) -> int | None:
+    """Outputs of the last linear layer of ``net`` (``None`` when it has none)."""
+    last = None
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            last = module.out_features
+        elif hasattr(module, "weight_mu") and module.weight_mu.dim() == 2:  # BayesLinear
+            last = module.weight_mu.shape[0]
+    return last
+
+
+def check_output_size(net: nn.Module, expected: int | None, what: str = "network") -> None:
+    """The last linear layer of ``net`` must give ``expected`` outputs (the classes, or 1 for
+    regression): a 10-output backbone must not silently train as a 20-class model."""
+    last = output_size(net)
+    if expected is not None and last is not None and last != expected:
+        raise ValueError(f"the {what} has {last} outputs but {expected} are needed (num_classes "
+                         f"or 1 for regression); build it with {expected} outputs")
+
+
+def classes_of(net: nn.Module, num_classes: int | None, what: str = "network") -> int:
+    """``num_classes`` checked against ``net``'s outputs, or read off them when ``None``."""
+    if num_classes is None:
+        num_classes = output_size(net)
+        if num_classes is None:
+            raise ValueError(f"pass num_classes: the {what} has no final linear layer to read "
+                             "it from")
+    check_int("num_classes", num_classes, 2)
+    check_output_size(net, num_classes, what)
+    return num_classes
 
 
 def vectorized_trace(model, guide, x, y=None, num_samples: int = 1, condition: dict | None = None):

@@ -14,17 +14,24 @@ import copy
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
-from pyro.infer.autoguide import AutoGuideList, AutoNormal
+from pyro.infer.autoguide import AutoDiscreteParallel, AutoGuideList, AutoNormal
 from pyro.ops.indexing import Vindex
 from torch import nn
 
 from ..guides.depth import DepthGuide
 from ..guides.empty import EmptyGuide
-from ..guides.init import init_to_network
+from ..guides.init import weight_autoguide
 from ..nn.residual import DepthStack
-from ..params import give_unique_name
-from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorized_trace
+from ..validation import check_real
+from .base import (
+    Budget,
+    DynamicModel,
+    PredictiveSamples,
+    check_output_size,
+    classes_of,
+    data_plate,
+    vectorized_trace,
+)
 
 VDS_DECAY = 0.85
 
@@ -114,6 +121,12 @@ class DepthNet(DynamicModel):
             raise TypeError("backbone must be a bayesdyn.nn.DepthStack (one output per depth)")
         if likelihood not in ("classification", "regression"):
             raise ValueError(f"likelihood must be 'classification' or 'regression', got {likelihood!r}")
+        if likelihood == "classification":
+            num_classes = classes_of(backbone.output_block, num_classes, "backbone")
+        else:
+            check_output_size(backbone.output_block, 1, "backbone")
+        if noise_scale is not None:
+            check_real("noise_scale", noise_scale, 0, open_low=True)
         self.backbone = backbone
         self.likelihood = likelihood
         self.input_shape = tuple(input_shape) if input_shape is not None else None
@@ -141,11 +154,13 @@ class DepthNet(DynamicModel):
             return EmptyGuide(self)
         if self.output_prior_scale is None:
             return DepthGuide(self)
-        guide = give_unique_name(AutoGuideList(self))
-        guide.append(DepthGuide(poutine.block(self, expose=["depth"]), self.num_depths))
-        guide.append(AutoNormal(poutine.block(self, hide=["depth"]), init_scale=1e-3,
-                                init_loc_fn=init_to_network(self)))
-        return guide
+        return weight_autoguide(self, AutoNormal)
+
+    def structure_sites(self) -> list[str]:
+        return ["depth"]
+
+    def structure_guide(self, blocked_model) -> DepthGuide:
+        return DepthGuide(blocked_model, self.num_depths)
 
     # --- Pyro model ---------------------------------------------------------------------------
     def model(self, x, y=None, dataset_size=None):
@@ -163,6 +178,13 @@ class DepthNet(DynamicModel):
                 pyro.deterministic("probs", torch.softmax(f, -1), event_dim=1)
                 return pyro.sample("y", dist.Categorical(logits=f), obs=y)
             return pyro.sample("y", dist.Normal(f.squeeze(-1), self.log_noise.exp()), obs=y)
+
+    def structure_parameters(self, guide) -> list[nn.Parameter]:
+        """q(d)'s parameters: a ``DepthGuide``'s logits, or the whole of a guide that is only
+        over the depth (e.g. ``AutoDiscreteParallel``), also inside an ``AutoGuideList``."""
+        parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+        return [p for part in parts if isinstance(part, (DepthGuide, AutoDiscreteParallel))
+                for p in part.parameters()]
 
     def network_values(self) -> dict[str, torch.Tensor]:
         if self.output_prior_scale is None:
@@ -226,7 +248,7 @@ class DepthNet(DynamicModel):
             if self.input_shape is None:
                 raise ValueError("pass x (or build the model with input_shape) to read q(d) "
                                  f"from a {type(guide).__name__}")
-            x = torch.zeros(1, *self.input_shape, device=self.prior_probs.device)
+            x = self._probe_input()
         site = pyro.poutine.trace(guide).get_trace(x[:1]).nodes.get("depth")
         if site is None or not isinstance(site["fn"], dist.Categorical):
             raise TypeError(f"{type(guide).__name__} has no categorical 'depth' site; use a "
@@ -236,7 +258,8 @@ class DepthNet(DynamicModel):
     def predict_probs(self, guide, x, budget=None, num_samples=1) -> PredictiveSamples:
         """Exact: per-depth probabilities weighted by ``q(d)`` (marginal) or one depth."""
         if self.likelihood != "classification":
-            raise NotImplementedError("use predict_regression for a regression DepthNet")
+            raise TypeError("a regression DepthNet has no class probabilities: use "
+                            "regression_mixture (or bayesdyn.inference.predict_normal)")
         if self.output_prior_scale is not None:  # weight draws through Pyro, depth from q or fixed
             condition = None if budget is None else {"depth": torch.tensor(budget.setting)}
             trace, _ = vectorized_trace(self, guide, x, None, num_samples, condition)
@@ -248,13 +271,17 @@ class DepthNet(DynamicModel):
         logits = self.backbone.truncated(budget.setting)(x)
         return PredictiveSamples.equal(torch.softmax(logits, -1)[None])
 
-    def predict_regression(self, guide, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixture mean and variance ``[B]`` of the depth-marginal Gaussian predictive."""
-        q = self.depth_weights(guide, x)[:, None]
-        mu = self.backbone(x).squeeze(-1)  # [D+1, B]
-        mean = (q * mu).sum(0)
-        var = self.log_noise.exp() ** 2 + (q * mu**2).sum(0) - mean**2
-        return mean, var
+    def regression_mixture(self, guide, x, budget: Budget | None = None):
+        """The Gaussian-mixture predictive of a regression DepthNet: ``(log_weights [K],
+        means [K, B], scale)``, over the depths weighted by ``q(d)`` (``budget=None``) or the one
+        depth of ``budget`` (``K = 1``)."""
+        if self.likelihood != "regression":
+            raise TypeError("regression_mixture is for DepthNet(likelihood='regression')")
+        if budget is not None:
+            means = self.backbone.truncated(budget.setting)(x).squeeze(-1)[None]
+            return means.new_zeros(1), means, self.log_noise.exp()
+        return (self.depth_weights(guide, x).log(), self.backbone(x).squeeze(-1),
+                self.log_noise.exp())
 
     @torch.no_grad()
     def update_posterior(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
@@ -274,15 +301,25 @@ class DepthNet(DynamicModel):
         if self.marginal and isinstance(guide, EmptyGuide):
             self.update_posterior(*train.tensors)
 
+    @torch.no_grad()
+    def component_log_likelihood(self, guide, x, y):
+        """Exact over depths: ``(log q(d) [D + 1], log p(y_n | x_n, d) [D + 1, N])``."""
+        if self.output_prior_scale is not None:  # weight draws: PSIS-LOO on draws instead
+            return None
+        return self.depth_weights(guide, x).log(), self.log_likelihoods(self.backbone(x), y)
+
     def structure_posterior(self, guide) -> dict[str, torch.Tensor]:
         return {"depth": self.depth_weights(guide).detach(), "depth prior": self.prior_probs}
 
     # --- pruning ------------------------------------------------------------------------------
-    def prune(self, guide: DepthGuide, threshold: float = 0.95) -> tuple[DepthNet, DepthGuide]:
+    def prune(self, guide, threshold: float = 0.95, x: torch.Tensor | None = None):
         """VDS pruning: cut at ``d* = min{d : q(d) > threshold * max q}``, drop deeper blocks
         and move their posterior (and prior) mass onto ``d*``. Returns a new, smaller model and
-        guide; the originals are untouched."""
-        q = self.depth_weights(guide).detach()
+        guide; the originals are untouched. Every part of the model and posterior carries over:
+        the likelihood and its noise, the marginal-likelihood posterior, a Bayesian output block
+        and its weight guide (``x``: an input batch to set that guide up, when the model was
+        built without ``input_shape``)."""
+        q = self.depth_weights(guide, x).detach()
         cut = int(torch.nonzero(q > threshold * q.max())[0])
         backbone = copy.deepcopy(self.backbone)
         backbone.blocks = backbone.blocks[:cut]
@@ -290,9 +327,36 @@ class DepthNet(DynamicModel):
             backbone.adapters = backbone.adapters[: cut + 1]
         fold = lambda p: torch.cat([p[:cut], p[cut:].sum(0, keepdim=True)])  # noqa: E731
         pruned = DepthNet(backbone, prior=fold(self.prior_probs).cpu(), likelihood=self.likelihood,
-                          num_classes=self.num_classes, input_shape=self.input_shape)
+                          num_classes=self.num_classes, input_shape=self.input_shape,
+                          marginal=self.marginal, output_prior_scale=self.output_prior_scale)
         if self.likelihood == "regression":
-            pruned.log_noise = nn.Parameter(self.log_noise.detach().clone())
+            pruned.log_noise = nn.Parameter(self.log_noise.detach().clone(),
+                                            requires_grad=self.log_noise.requires_grad)
         pruned.to(self.prior_probs.device)
-        new_guide = DepthGuide(pruned, init_logits=fold(q).log())
-        return pruned, new_guide.to(q.device)
+        if self.marginal:
+            pruned.posterior_probs.copy_(fold(self.posterior_probs))
+        new_guide = pruned.default_guide().to(q.device)
+        if isinstance(new_guide, EmptyGuide):
+            return pruned, new_guide
+        parts = list(new_guide) if isinstance(new_guide, AutoGuideList) else [new_guide]
+        old_parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+        if len(parts) > 1:  # set the weight guide up (labels observed), then load its values
+            probe = x[:1] if x is not None else self._probe_input()
+            labels = torch.zeros(1, device=probe.device,
+                                 dtype=torch.long if self.likelihood == "classification" else None)
+            was_training = pruned.training
+            pruned.eval()  # BatchNorm cannot run on one example in training mode
+            new_guide(probe, labels)
+            pruned.train(was_training)
+        for new, old in zip(parts, old_parts, strict=True):
+            if isinstance(new, DepthGuide):
+                with torch.no_grad():
+                    new.logits.copy_(fold(q).log())
+            else:
+                new.load_state_dict(old.state_dict())
+        return pruned, new_guide
+
+    def _probe_input(self) -> torch.Tensor:
+        if self.input_shape is None:
+            raise ValueError("pass x (an input batch) or build the model with input_shape")
+        return torch.zeros(1, *self.input_shape, device=self.prior_probs.device)

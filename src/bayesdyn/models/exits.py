@@ -28,7 +28,7 @@ from torch import nn
 
 from ..guides.empty import EmptyGuide
 from ..nn.multiexit import MultiExitStack
-from .base import Budget, DynamicModel, PredictiveSamples, data_plate
+from .base import Budget, DynamicModel, PredictiveSamples, classes_of, data_plate
 
 
 def exit_site(k: int, num_exits: int, kind: str = "y") -> str:
@@ -90,7 +90,7 @@ class MultiExitNet(DynamicModel):
     Args:
         backbone: a ``MultiExitStack`` (``bayesdyn.nn.msdnet``, ``multiexit_resnet``,
             ``multiexit_mlp``); its ``gradient_equilibrium`` switch is independent of the family.
-        num_classes: number of classes.
+        num_classes: number of classes (default: read off the exit heads; checked against them).
         input_shape: shape of one input, e.g. ``(1, 28, 28)``; inputs are checked against it.
 
     The marginal (``budget=None``) is the last exit. Nothing is latent about the exit here: an
@@ -100,13 +100,14 @@ class MultiExitNet(DynamicModel):
     belongs with the Bayesian heads of part 2.
     """
 
-    def __init__(self, backbone: MultiExitStack, num_classes: int, input_shape=None):
+    def __init__(self, backbone: MultiExitStack, num_classes: int | None = None,
+                 input_shape=None):
         super().__init__()
         if not isinstance(backbone, MultiExitStack):
             raise TypeError("backbone must be a bayesdyn.nn.MultiExitStack (msdnet, "
                             "multiexit_resnet or multiexit_mlp)")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        for k, head in enumerate(backbone.heads):  # every exit must predict num_classes
+            num_classes = classes_of(head, num_classes, f"head of exit {k + 1}")
         self.backbone = backbone
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape) if input_shape is not None else None
@@ -166,6 +167,13 @@ class MultiExitNet(DynamicModel):
         MSDNet's convention), so budgeted batch charges nothing extra for stopping later."""
         return nn.Sequential()
 
+    @torch.no_grad()
+    def component_log_likelihood(self, guide, x, y):
+        """The marginal (the last exit) is one point-estimate component: ``log p(y_n | x_n)``
+        ``[1, N]`` with log-weight 0, for an exact leave-one-out."""
+        loglik = -F.cross_entropy(self.exit_logits(x)[-1], y, reduction="none")
+        return loglik.new_zeros(1), loglik[None]
+
     def predict_probs(self, guide, x, budget=None, num_samples=1) -> PredictiveSamples:
         """Exit ``k``'s ``softmax(F_k)`` (``budget=None``: the last exit), ``[1, B, C]``; runs
         blocks and heads ``1..k`` only. Point estimates: one sample whatever ``num_samples``."""
@@ -186,7 +194,7 @@ class BoostedExits(MultiExitNet):
             backbone through it), as in gradient boosting; ``False`` lets it reach heads ``< k``.
     """
 
-    def __init__(self, backbone: MultiExitStack, num_classes: int, gamma=0.5,
+    def __init__(self, backbone: MultiExitStack, num_classes: int | None = None, gamma=0.5,
                  stop_gradient: bool = True, input_shape=None):
         super().__init__(backbone, num_classes, input_shape)
         self.combine = BoostedEnsemble(self._check_gamma(gamma), bool(stop_gradient))

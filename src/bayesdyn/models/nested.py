@@ -34,7 +34,15 @@ from ..distributions import weight_prior as _weight_prior
 from ..distributions.weight_priors import log_alpha
 from ..guides.nested import NestedGuide
 from ..nn.ordered import OrderedNet
-from .base import Budget, DynamicModel, PredictiveSamples, data_plate, vectorized_trace
+from ..validation import check_real
+from .base import (
+    Budget,
+    DynamicModel,
+    PredictiveSamples,
+    classes_of,
+    data_plate,
+    vectorized_trace,
+)
 
 NUM_WIDTHS = 16  # widths 1 - i/15, i = 0..15 (BNNN's evaluation grid)
 
@@ -66,16 +74,17 @@ class NestedNet(DynamicModel):
     MARGINAL_ORDERINGS = 8  # orderings drawn from q(z) and calibrated for the marginal
     reference_elbo = pyro.infer.TraceMeanField_ELBO
 
-    def __init__(self, net: OrderedNet, num_classes: int, keep_prob: float = 0.95,
+    def __init__(self, net: OrderedNet, num_classes: int | None = None, keep_prob: float = 0.95,
                  ordering_prior=None, prior_scale: float = 1.0, temperature: float = 2.0,
                  kl_weight: float = 1.0, input_shape=None, weight_prior: str = "gaussian"):
         super().__init__()
         if not isinstance(net, OrderedNet):
             raise TypeError("net must be a bayesdyn.nn.OrderedNet (nested_mlp / nested_convnet)")
-        if not 0.0 < keep_prob < 1.0:
-            raise ValueError(f"keep_prob must be in (0, 1), got {keep_prob}")
-        if prior_scale <= 0 or temperature <= 0 or kl_weight < 0:
-            raise ValueError("prior_scale and temperature must be positive, kl_weight >= 0")
+        check_real("keep_prob", keep_prob, 0, 1, open_low=True, open_high=True)
+        check_real("prior_scale", prior_scale, 0, open_low=True)
+        check_real("temperature", temperature, 0, open_low=True)
+        check_real("kl_weight", kl_weight, 0)
+        num_classes = classes_of(net, num_classes, "ordered network")
         self.net, self.num_classes = net, num_classes
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.temperature = temperature
@@ -116,6 +125,18 @@ class NestedNet(DynamicModel):
             yield f"blocks.{i}.layer.weight", block.layer, block.groups
         yield "head.weight", self.net.head, 1
 
+    def variational_parameters(self) -> list[nn.Parameter]:
+        """The Gaussian weights' means and log-scales (they live on the layers, not the guide)."""
+        return [p for layer in self.net.bayes_layers().values() if layer.bayesian
+                for p in (layer.weight_mu, layer.weight_log_sigma)]
+
+    def structure_parameters(self, guide) -> list[nn.Parameter]:
+        try:
+            ordering = self.ordering_guide(guide)
+        except TypeError:  # a guide of the user's own: no known q(z)
+            return []
+        return list(ordering.rho) if ordering.learn_ordering else []
+
     def network_values(self) -> dict[str, torch.Tensor]:
         return {name: self.grouped(layer.weight_mu, groups)
                 for name, layer, groups in self.weight_groups()} if self.net.bayesian else {}
@@ -129,6 +150,12 @@ class NestedNet(DynamicModel):
     @staticmethod
     def group_plate(name: str, groups: int):
         return pyro.plate(f"{name}_groups", groups, dim=-1)
+
+    def structure_sites(self) -> list[str]:
+        return [f"order_{i}" for i in range(len(self.net.blocks))]
+
+    def structure_guide(self, blocked_model) -> NestedGuide:
+        return NestedGuide(blocked_model, weights=False, nested=self)
 
     def default_guide(self) -> NestedGuide:
         return NestedGuide(self, learn_ordering=self.net.bayesian)
@@ -265,8 +292,8 @@ class NestedNet(DynamicModel):
         out = {}
         guide = self.ordering_guide(guide)
         for i, (q, p) in enumerate(zip(guide.orderings(), self.prior_probs(), strict=True)):
-            out[f"layer {i} groups"] = q.probs.detach()
-            out[f"layer {i} groups prior"] = p
+            out[f"order_{i}"] = q.probs.detach()  # q(z_i = k): k ordered groups of layer i on
+            out[f"order_{i} prior"] = p
         return out
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from .ordered import BayesConv2d, BayesLinear, OrderedBlock, OrderedNet, nested_
 from .residual import (
                        BasicBlock,
                        Bottleneck,
+                       DepthBatchNorm2d,
                        DepthStack,
                        Residual,
                        residual_mlp,
@@ -25,8 +26,8 @@ from .residual import (
                        vds_convnet,
 )
 
-__all__ = ["BasicBlock", "BayesConv2d", "BayesLinear", "Bottleneck", "DepthStack", "OrderedBlock",
-           "OrderedNet", "Residual", "nested_convnet", "nested_mlp", "resnet18_depth",
-           "resnet50_depth", "resnet_depth", "residual_mlp", "vds_convnet"]
+__all__ = ["BasicBlock", "BayesConv2d", "BayesLinear", "Bottleneck", "DepthBatchNorm2d",
+           "DepthStack", "OrderedBlock", "OrderedNet", "Residual", "nested_convnet", "nested_mlp",
+           "resnet18_depth", "resnet50_depth", "resnet_depth", "residual_mlp", "vds_convnet"]
 __all__ += ["MSDNET_CIFAR", "ExitHead", "ExitOutputs", "MultiExitStack", "evenly_spaced_exits",
             "gradient_equilibrium", "msdnet", "multiexit_mlp", "multiexit_resnet", "scale_gradient"]

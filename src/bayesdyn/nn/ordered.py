@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_int
+
 
 class GaussianPreactivation(torch.autograd.Function):
     """``mean + sqrt(var) * eps``, ``eps ~ N(0, 1)``: the local reparameterisation draw.
@@ -243,6 +245,7 @@ def _slice_layer(layer: BayesLayer, n_out, n_in):
 def nested_mlp(in_features: int, num_classes: int, hidden=(128, 128), groups: int = 16,
                frozen: int = 1, bayesian: bool = True, input_shape=None) -> OrderedNet:
     """Ordered MLP: ``in -> hidden[0] -> ... -> classes``, every hidden layer ordered."""
+    _check_sizes(in_features, num_classes, hidden, groups)
     blocks, n_in = [], in_features
     for width in hidden:
         blocks.append(OrderedBlock(BayesLinear(n_in, width, bayesian=bayesian, bias=False),
@@ -256,9 +259,20 @@ def nested_convnet(in_channels: int, num_classes: int, channels=(32, 64, 64), gr
                    frozen: int = 1, bayesian: bool = True) -> OrderedNet:
     """Ordered VGG-style conv net (3x3 conv, BN, ReLU, 2x2 max-pool after each of the first two
     blocks), global average pool, linear head. Bias-free convs, as in BNNN."""
+    _check_sizes(in_channels, num_classes, channels, groups)
     blocks, c_in = [], in_channels
     for i, c in enumerate(channels):
         layer = BayesConv2d(c_in, c, 3, 1, bayesian=bayesian, bias=False)
         blocks.append(OrderedBlock(layer, groups, frozen, pool=i < 2))
         c_in = c
     return OrderedNet(blocks, BayesLinear(c_in, num_classes, bayesian=bayesian), input_ndim=3)
+
+
+def _check_sizes(n_in, num_classes, widths, groups) -> None:
+    check_int("inputs", n_in, 1), check_int("num_classes", num_classes, 1)
+    check_int("groups", groups, 2)
+    for i, width in enumerate(widths):
+        check_int(f"width of layer {i}", width, groups)
+        if width % groups:
+            raise ValueError(f"layer {i} has {width} units, which {groups} groups cannot share "
+                             f"equally; use a multiple of {groups}")
