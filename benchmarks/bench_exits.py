@@ -44,7 +44,7 @@ def training_steps(args, device):
     for ge in (False, True):
         for label, family in (("sum of CE", MultiExitNet), ("BoostNet", BoostedExits)):
             model = make(family, ge)
-            trainer = Trainer(model, model.default_guide(), data,
+            trainer = Trainer(model, model.default_guide(), data, None,
                               FitConfig(batch_size=args.batch, optimizer="sgd", lr=0.1), device,
                               None, False)
             step = lambda t=trainer: t._step(t.loss_fn(xb, yb)[0] / N)  # noqa: E731
