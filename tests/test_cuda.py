@@ -16,17 +16,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_training_step_has_no_host_device_sync(method, digits):
     torch.manual_seed(0)
     model, guide = build(Recipe(method, depth=2, width=32), digits.input_shape, 10)
-    trainer = Trainer(model, guide, digits, FitConfig(batch_size=64), torch.device("cuda"),
-                      None, False)
-    x, y = (t[:64] for t in trainer.data.train.tensors)
+    trainer = Trainer(model, guide, digits, None, FitConfig(batch_size=64),
+                      torch.device("cuda"), None, False)
+    x, y = trainer.train_data.x[:64], trainer.train_data.y[:64]
     running = trainer._running_state(0)
     for _ in range(2):  # warm-up: lazy CUDA initialisation may sync once
-        trainer._step(trainer.loss_fn(x, y)[0] / trainer.n)
+        trainer._step(trainer.loss(x, y)[0] / trainer.n)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(3):
-            loss, terms = trainer.loss_fn(x, y)
+            loss, terms = trainer.loss(x, y)
             trainer._step(loss / trainer.n)
             trainer._accumulate(running, loss, terms, step)
     finally:

@@ -351,3 +351,65 @@ fit(model, guide, data, epochs=3, batch_size=256, device="cpu")
     from tqdm.notebook import tqdm as notebook_tqdm
 
     assert bar.mode == "bar" and bar._tqdm is notebook_tqdm
+
+
+# --- scale: streaming, mixed precision, memory format -------------------------------------------
+
+def test_streamed_batches_equal_device_resident_ones(digits, tmp_path):
+    runs = []
+    for streaming in ("never", "always"):
+        model, guide = make(digits)
+        fit(model, guide, digits, epochs=2, streaming=streaming, num_workers=0, **FIT)
+        runs.append(params(model, guide))
+    assert torch.equal(*runs)
+    from bayesdyn.inference.batches import StreamSource, place
+
+    source = place(__import__("bayesdyn.inference.batches", fromlist=["x"]).TensorSource(
+        *digits.train.tensors), torch.device("cpu"), torch.float32, "always")
+    assert isinstance(source, StreamSource)
+
+
+def test_bf16_autocast_trains_with_fp32_likelihood_and_kl(digits):
+    from bayesdyn.inference.parallel import autocast
+
+    model, guide = make(digits)
+    x, y = digits.train[:64]
+    with autocast("bf16", torch.device("cpu")):
+        loss, terms = model.fast_loss(guide, x, y, len(digits.train))
+        assert model.backbone(x).dtype == torch.bfloat16  # the network runs in bf16
+    assert loss.dtype == terms["kl"].dtype == terms["nll"].dtype == torch.float32
+    history = fit(model, guide, digits, epochs=3, precision="bf16", **FIT)
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_channels_last_conv_net_trains_like_the_default_format(digits):
+    from bayesdyn.recipes import Recipe, build
+
+    data = load_fashion_like(digits)
+    runs = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model, guide = build(Recipe("depth", arch="conv", depth=2, width=8), data.input_shape, 10)
+        h = fit(model, guide, data, epochs=2, channels_last=channels_last, **FIT)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+                    and m.in_channels > 1 and m.kernel_size[0] > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        runs.append(h["loss"])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-3)  # same steps up to convolution rounding
+
+
+def load_fashion_like(digits):
+    """Digits upsampled to 16x16 (a conv net's input), as a DataSplits."""
+    from bayesdyn.data import load
+
+    return load("digits", image_size=16)
+
+
+@pytest.mark.slow
+def test_compiled_objective_trains_like_the_eager_one(digits):
+    runs = []
+    for compile_ in (False, True):
+        model, guide = make(digits)
+        h = fit(model, guide, digits, epochs=1, compile=compile_, **FIT)
+        runs.append(h["loss"][0])
+    assert runs[1] == pytest.approx(runs[0], rel=2e-3)  # fused kernels round differently

@@ -18,6 +18,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .inference.parallel import init_from_environment
+
+    joined = init_from_environment()  # under torchrun: one process of the group
     try:
         return args.handler(args)
     except KeyboardInterrupt as stop:  # fit saved the state: one line, no traceback
@@ -27,6 +30,11 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as err:
         print(f"bayesdyn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -101,6 +109,18 @@ def make_parser() -> argparse.ArgumentParser:
     opt.add_argument("--crop-padding", type=int, default=0, metavar="PIXELS",
                      help="augmentation: random crop after zero padding (images)")
     opt.add_argument("--hflip", action="store_true", help="augmentation: random horizontal flip")
+    scale = train.add_argument_group("scale (see README: Train on several GPUs or machines)")
+    scale.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                       help="mixed precision (likelihoods and KLs stay in fp32)")
+    scale.add_argument("--channels-last", action="store_true",
+                       help="channels-last memory format for conv nets")
+    scale.add_argument("--streaming", default="auto", choices=("auto", "always", "never"),
+                       help="stream batches from host memory (auto: when the data would take "
+                            "over a quarter of the free GPU memory)")
+    scale.add_argument("--num-workers", type=int, default=0, help="DataLoader workers when streaming")
+    scale.add_argument("--sync-batchnorm", action="store_true",
+                       help="under torchrun: BatchNorm statistics over all processes")
+    scale.add_argument("--compile", action="store_true", help="torch.compile the objective")
     train.set_defaults(handler=cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate a run directory again",
@@ -137,14 +157,18 @@ def cmd_train(args) -> int:
                        schedule=None if args.schedule == "none" else args.schedule,
                        warmup_epochs=args.warmup_epochs, clip_grad=args.clip_grad,
                        early_stopping=args.early_stopping, crop_padding=args.crop_padding,
-                       hflip=args.hflip)
+                       hflip=args.hflip, precision=args.precision,
+                       channels_last=args.channels_last, streaming=args.streaming,
+                       num_workers=args.num_workers, sync_batchnorm=args.sync_batchnorm,
+                       compile=args.compile)
     metrics = train_run(recipe, dataset=args.dataset, out=out, data_root=args.data_root,
                         download=args.download, device=args.device, seed=args.seed,
                         resume=args.resume, ood=None if args.ood == "none" else args.ood,
                         progress=False if args.no_progress else None,
                         num_samples=args.num_samples, **fit_options)
-    print(format_table([metrics]))
-    print(f"run directory: {out}")
+    if metrics is not None:  # under torchrun, the process that evaluated
+        print(format_table([metrics]))
+        print(f"run directory: {out}")
     return 0
 
 

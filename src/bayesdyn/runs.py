@@ -23,6 +23,7 @@ from .evaluation import evaluate
 from .inference import fit, load_checkpoint, resolve_device
 from .inference.checkpoint import CHECKPOINT, atomic_write_bytes, read_json, write_json
 from .inference.fit import FitConfig
+from .inference.parallel import World
 
 SPLIT_SEED = 0  # the train/val split is the same for every training seed
 LOO_SIZE = 1000  # training examples whose log-likelihood posterior.nc holds (LOO of the fit)
@@ -37,7 +38,8 @@ def train_run(recipe: recipes.Recipe, dataset: str, out, *, data_root=None, down
     """Train ``recipe`` on ``dataset`` into ``out``, evaluate it, export the posterior; returns
     metrics.json. ``fit_options`` are ``FitConfig``'s (epochs, batch_size, lr, optimizer,
     weight_decay, schedule, warmup_epochs, crop_padding, hflip, ...); ``num_samples`` the Monte
-    Carlo draws per input in evaluation."""
+    Carlo draws per input in evaluation. Under ``torchrun`` every process trains its share of
+    each batch; process 0 writes the run and returns the metrics, the others return None."""
     out = Path(out)
     config = run_config(recipe, dataset, data_root, seed, ood, num_samples, posterior_samples,
                         fit_options)
@@ -46,9 +48,13 @@ def train_run(recipe: recipes.Recipe, dataset: str, out, *, data_root=None, down
     data = load(dataset, root=data_root, download=download, seed=SPLIT_SEED)
     torch.manual_seed(seed)  # initial weights depend on the seed only
     model, guide = recipes.build(recipe, data.input_shape, data.num_classes)
-    write_json(out / "config.json", config)
+    world = World()  # under torchrun: every process trains, one writes and evaluates
+    if world.main:
+        write_json(out / "config.json", config)
     history = fit(model, guide, data, device=device, out=out, resume=resume, progress=progress,
                   seed=seed, **fit_options)
+    if not world.main:
+        return None
     train_seconds = round(sum(e["seconds"] for e in history.epochs), 3)
     metrics = evaluate(model, guide, data, ood=ood, out=out, method=recipe.method, seed=seed,
                        train_seconds=train_seconds, data_root=data_root, num_samples=num_samples)

@@ -56,6 +56,57 @@ class TensorSource:
         yield from zip(self.x.split(batch_size), self.y.split(batch_size), strict=True)
 
 
+class StreamSource(TensorSource):
+    """Tensors kept in host memory, streamed to the device batch by batch through a
+    ``DataLoader`` (pinned memory, non-blocking copies, ``num_workers`` workers), for data that
+    does not fit on the device. The batches are the same seeded permutation as ``TensorSource``'s,
+    so a streamed run equals a device-resident one and resumes exactly."""
+
+    def __init__(self, x, y, device, dtype=None, num_workers: int = 0):
+        super().__init__(x, y)
+        self.device, self.dtype, self.num_workers = torch.device(device), dtype, num_workers
+
+    def to(self, device, dtype=None) -> StreamSource:
+        return StreamSource(self.x, self.y, device, dtype, self.num_workers)
+
+    def head(self, k: int = 2):
+        return self._move(self.x[:k], self.y[:k])
+
+    def _move(self, x, y):
+        return x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _stream(self, index_batches):
+        loader = DataLoader(TensorDataset(self.x, self.y), batch_sampler=index_batches,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            yield self._move(x, y)
+
+    def batches(self, epoch: int, seed: int, batch_size: int, start_step: int = 0,
+                epoch_rng=None):
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(
+            seed * 100_003 + epoch))
+        yield from self._stream([idx.tolist() for idx in order.split(batch_size)[start_step:]])
+
+    def all_batches(self, batch_size: int):
+        yield from self._stream([list(range(i, min(i + batch_size, len(self))))
+                                 for i in range(0, len(self), batch_size)])
+
+
+def place(source, device: torch.device, dtype, streaming: str = "auto", num_workers: int = 0):
+    """``source`` on the training device: tensors go to the device unless ``streaming`` says
+    to stream them (``always``; ``auto``: when they would take more than a quarter of the free
+    GPU memory); a DataLoader is always streamed."""
+    if not isinstance(source, TensorSource) or isinstance(source, StreamSource):
+        return source.to(device, dtype)
+    stream = streaming == "always"
+    if streaming == "auto" and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        stream = source.x.nelement() * source.x.element_size() > free / 4
+    if stream:
+        return StreamSource(source.x.cpu(), source.y.cpu(), device, dtype, num_workers)
+    return source.to(device, dtype)
+
+
 class LoaderSource:
     """A ``DataLoader`` of ``(x, y)`` batches; its own batch size applies."""
 

@@ -29,7 +29,7 @@ import torch
 
 from ..evaluation.metrics import regression_metrics
 from ..validation import resolve_device
-from .batches import augment, training_sources
+from .batches import augment, place, training_sources
 from .checkpoint import (
     CHECKPOINT,
     atomic_save,
@@ -39,74 +39,14 @@ from .checkpoint import (
     set_rng_state,
     write_json,
 )
+from .config import FitConfig
+from .parallel import LossModule, World, autocast, data_parallel
 from .predict import _EvalMode, predict, predict_normal
 from .progress import Progress
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or Inf."""
-
-
-@dataclass
-class FitConfig:
-    """Training options (validated on construction, before any work)."""
-
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw | sgd
-    momentum: float = 0.9
-    weight_decay: float = 0.0  # on point-estimate weights only (never variational parameters)
-    schedule: str | None = None  # None | cosine | multistep
-    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of `epochs` (multistep)
-    gamma: float = 0.1
-    clip_grad: float | None = None  # max gradient norm
-    warmup_epochs: int = 0  # the structure posterior held at its init (DUN's q warm-up)
-    early_stopping: int | None = None  # patience in epochs on validation NLL
-    objective: str = "auto"  # auto | fast | pyro
-    crop_padding: int = 0  # augmentation: random crop after zero padding (images)
-    hflip: bool = False  # augmentation: random horizontal flip (images)
-    seed: int = 0
-    log_every: int = 50
-
-    def __post_init__(self):
-        checks = {
-            "epochs": (_is_int(self.epochs) and self.epochs >= 1, "an integer >= 1"),
-            "batch_size": (_is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
-            "lr": (_finite(self.lr) and self.lr > 0, "a finite number > 0"),
-            "optimizer": (self.optimizer in ("adam", "adamw", "sgd"), "adam, adamw or sgd"),
-            "momentum": (_finite(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
-            "weight_decay": (_finite(self.weight_decay) and self.weight_decay >= 0,
-                             "a finite number >= 0"),
-            "schedule": (self.schedule in (None, "cosine", "multistep"), "None, cosine or multistep"),
-            "milestones": (all(_finite(m) and 0 < m < 1 for m in self.milestones),
-                           "fractions of the epochs in (0, 1)"),
-            "gamma": (_finite(self.gamma) and 0 < self.gamma <= 1, "in (0, 1]"),
-            "clip_grad": (self.clip_grad is None or (_finite(self.clip_grad) and self.clip_grad > 0),
-                          "None or a finite number > 0 (the maximal gradient norm)"),
-            "warmup_epochs": (_is_int(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
-                              f"an integer in [0, epochs={self.epochs})"),
-            "early_stopping": (self.early_stopping is None or (_is_int(self.early_stopping)
-                                                               and self.early_stopping >= 1),
-                               "None or a patience of >= 1 epochs"),
-            "objective": (self.objective in ("auto", "fast", "pyro"), "auto, fast or pyro"),
-            "crop_padding": (_is_int(self.crop_padding) and self.crop_padding >= 0,
-                             "an integer >= 0 (pixels)"),
-            "hflip": (isinstance(self.hflip, bool), "True or False"),
-            "seed": (_is_int(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
-            "log_every": (_is_int(self.log_every) and self.log_every >= 1, "an integer >= 1"),
-        }
-        for name, (ok, expected) in checks.items():
-            if not ok:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected {expected}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -147,9 +87,9 @@ def fit(model, guide, data, *, val=None, device="auto", out=None, resume: bool =
 
 class Trainer:
     def __init__(self, model, guide, data, val, config: FitConfig, device, out, progress):
-        self.config, self.device = config, device
+        self.config, self.device, self.world = config, device, World()
         self.out = Path(out) if out is not None else None
-        if self.out is not None and self.out.is_dir():
+        if self.out is not None and self.out.is_dir() and self.world.main:
             remove_stale_temporaries(self.out)  # left by a killed run
         train, val = training_sources(data, val)
         classes, shape = getattr(model, "num_classes", None), getattr(model, "input_shape", None)
@@ -158,17 +98,25 @@ class Trainer:
         if val is not None:
             val.check(classes, shape, "validation inputs", regression)
         _seed_everything(config.seed)
-        self.model, self.guide = model.to(device), guide.to(device)
+        if config.sync_batchnorm and self.world.size > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        memory = torch.channels_last if config.channels_last else torch.preserve_format
+        self.model, self.guide = model.to(device, memory_format=memory), guide.to(device)
         dtype = next(model.parameters()).dtype
-        self.train_data = train.to(device, dtype)
-        self.val_data = None if val is None else val.to(device, dtype)
+        self.train_data = place(train, device, dtype, config.streaming, config.num_workers)
+        self.val_data = None if val is None else place(val, device, dtype, config.streaming)
         self.n = len(train)
-        self.loss_fn, objective = self._objective()
+        loss_fn, objective = self._objective()
+        self.loss = data_parallel(LossModule(self.model, self.guide, loss_fn), self.world, device,
+                                  find_unused=config.warmup_epochs > 0)
+        if config.compile:
+            self.loss = torch.compile(self.loss)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         self.history = History(objective=objective)
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         self.start_epoch, self.start_step, self.best = 0, 0, None
-        self.progress = Progress(progress)
+        self.progress = Progress(progress if self.world.main else False)
         self.interrupted = False
 
     # --- set-up -------------------------------------------------------------------------------
@@ -225,7 +173,7 @@ class Trainer:
                 "config": asdict(self.config)}
 
     def save(self, epoch: int, step: int = 0, running: dict | None = None) -> None:
-        if self.out is None:
+        if self.out is None or not self.world.main:  # one process writes
             return
         atomic_save(self.state(epoch, step, running), self.out / CHECKPOINT)
         write_json(self.out / "history.json", asdict(self.history))
@@ -291,13 +239,17 @@ class Trainer:
         for step, (xb, yb) in enumerate(batches, start=self.start_step):
             if c.crop_padding or c.hflip:
                 xb = self._augment(xb, epoch, step)
-            loss, terms = self.loss_fn(xb, yb)
-            self._step(loss / self.n)
-            self._accumulate(running, loss, terms, step)
+            xb, yb, share = self.world.part(xb, yb)  # this process's part of the global batch
+            if c.channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast(c.precision, self.device):
+                loss, terms = self.loss(xb, yb)
+            self._step(loss * (share * self.world.size / self.n))
+            self._accumulate(running, loss * share, {k: v * share for k, v in terms.items()}, step)
             bar.update()
             if (step + 1) % c.log_every == 0 and self.progress.mode == "bar":
                 bar.set_postfix(self._means(running, step + 1))
-            if self.interrupted:
+            if self.interrupted and self.world.size == 1:  # torchrun: at the epoch's end
                 self._check_finite(running, epoch)
                 self.save(epoch, step + 1, running)
                 bar.close()
@@ -317,11 +269,13 @@ class Trainer:
 
     def _step(self, loss):
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()  # DDP sums the processes' gradients here
         if self.config.clip_grad:
+            self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _running_state(self, epoch):
         running = getattr(self, "resume_running", None)
@@ -341,15 +295,17 @@ class Trainer:
         running["bad_step"] = torch.where(bad & (running["bad_step"] < 0), step,
                                           running["bad_step"])
 
-    def _means(self, running, steps) -> dict:
-        """Per-example averages of the loss and its terms (a device sync: logging only)."""
+    def _means(self, running, steps, reduce: bool = False) -> dict:
+        """Per-example averages of the loss and its terms (a device sync: logging only);
+        ``reduce``: summed over the processes' parts (the global batches' estimates)."""
         steps = max(steps, 1)
-        out = {"loss": running["loss"].item() / steps / self.n}
-        out.update({k: v.item() / steps / self.n for k, v in running["terms"].items()})
+        total = lambda v: float(self.world.sum(v.detach().clone()) if reduce else v)  # noqa: E731
+        out = {"loss": total(running["loss"]) / steps / self.n}
+        out.update({k: total(v) / steps / self.n for k, v in running["terms"].items()})
         return {k: round(v, 4) for k, v in out.items()}
 
     def _check_finite(self, running, epoch):
-        bad = int(running["bad_step"])
+        bad = int(self.world.max(running["bad_step"].clone()))
         if bad >= 0:
             kept = ""
             if self.out is not None and (self.out / CHECKPOINT).is_file():
@@ -361,15 +317,20 @@ class Trainer:
                 "learning rate, set clip_grad, or check the inputs for extreme values.")
 
     def _end_epoch(self, epoch, running, steps, seconds) -> bool:
-        record = {"epoch": epoch + 1, **self._means(running, steps),
+        record = {"epoch": epoch + 1, **self._means(running, steps, reduce=True),
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3)}
-        record.update(self._validate())
+        record.update(self.world.from_main(self._validate() if self.world.main else None))
         self.history.epochs.append(record)
         if self.scheduler is not None:
             self.scheduler.step()
         stop = self._early_stopping(record)
         self.save(epoch + 1)
         self.progress.epoch_done(record)
+        if self.world.size > 1:  # a Ctrl-C under torchrun stops every process here, saved
+            flag = torch.tensor(float(self.interrupted), device=self.device)
+            self.interrupted = bool(self.world.max(flag))
+            if self.interrupted:
+                return False
         return not stop
 
     def _validate(self) -> dict:

@@ -166,6 +166,12 @@ class DynamicModel(RenamedOnCopy, nn.Module):
         return {}
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when autocast made it half or bfloat16 (likelihoods are computed in full
+    precision); float32 and float64 tensors are left as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def output_size(net: nn.Module) -> int | None:
     """Outputs of the last linear layer of ``net`` (``None`` when it has none)."""
     last = None

@@ -30,6 +30,7 @@ from .base import (
     check_output_size,
     classes_of,
     data_plate,
+    full_precision,
     vectorized_trace,
 )
 
@@ -205,6 +206,7 @@ class DepthNet(DynamicModel):
     # --- fast path ----------------------------------------------------------------------------
     def log_likelihoods(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``log p(y_n | x_n, d)`` for every depth, ``[D + 1, B]``."""
+        outputs = full_precision(outputs)
         if self.likelihood == "classification":
             logp = torch.log_softmax(outputs, -1)
             return logp.gather(-1, y.expand(outputs.shape[0], -1).unsqueeze(-1)).squeeze(-1)

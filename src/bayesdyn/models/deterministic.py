@@ -11,7 +11,15 @@ from torch import nn
 
 from ..guides.empty import EmptyGuide
 from ..validation import check_real
-from .base import Budget, DynamicModel, PredictiveSamples, check_output_size, classes_of, data_plate
+from .base import (
+    Budget,
+    DynamicModel,
+    PredictiveSamples,
+    check_output_size,
+    classes_of,
+    data_plate,
+    full_precision,
+)
 
 
 class DeterministicNet(DynamicModel):
@@ -57,7 +65,7 @@ class DeterministicNet(DynamicModel):
 
     def _log_likelihood(self, x, y) -> torch.Tensor:
         """``log p(y_n | x_n)``, ``[B]``."""
-        out = self.net(x)
+        out = full_precision(self.net(x))
         if self.likelihood == "regression":
             return dist.Normal(out.squeeze(-1), self.log_noise.exp()).log_prob(y)
         return -F.cross_entropy(out, y, reduction="none")

@@ -41,6 +41,7 @@ from .base import (
     PredictiveSamples,
     classes_of,
     data_plate,
+    full_precision,
     vectorized_trace,
 )
 
@@ -210,7 +211,7 @@ class NestedNet(DynamicModel):
             return NotImplemented
         masks = [guide.downhill(q).rsample() for q in guide.orderings()]  # one per batch (BNNN)
         logits = self.net(x, masks=masks, sample=True)[0]
-        nll = F.cross_entropy(logits, y, reduction="sum") * (dataset_size / x.shape[0])
+        nll = F.cross_entropy(full_precision(logits), y, reduction="sum") * (dataset_size / x.shape[0])
         terms = {"nll": nll, **self.kl_terms(guide)}
         return nll + self.kl_weight * (terms["kl_order"] + terms["kl_weights"]), terms
 
