@@ -11,7 +11,8 @@ from bayesdyn.recipes import Recipe, build
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("method", ["depth", "nested", "nested-dropout", "deterministic"])
+@pytest.mark.parametrize("method", ["depth", "nested", "nested-dropout", "deterministic", "exits",
+                                    "boosted-exits"])
 def test_training_step_has_no_host_device_sync(method, digits):
     torch.manual_seed(0)
     model, guide = build(Recipe(method, depth=2, width=32), digits.input_shape, 10)

@@ -65,7 +65,9 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--arch", default="auto", choices=("auto", *recipes.ARCHS),
                        help="backbone: residual MLP, VDS conv net, ResNet-18-like or DUN's "
-                            "ResNet-50 (auto: mlp for 8x8 inputs, conv otherwise)")
+                            "ResNet-50 (auto: mlp for 8x8 inputs, conv otherwise); for exits "
+                            "and boosted-exits: mlp, msdnet (BoostNet's CIFAR MSDNet) or resnet "
+                            "(auto: mlp for 8x8 inputs, msdnet otherwise)")
     train.add_argument("--depth", type=int, default=4, help="residual blocks (mlp, conv)")
     train.add_argument("--width", type=int, default=64, help="hidden units / channels")
     train.add_argument("--prior", default="uniform", choices=("uniform", "decaying"),
@@ -74,6 +76,19 @@ def make_parser() -> argparse.ArgumentParser:
                        help="nested: keep probability of the truncated-geometric ordering prior")
     train.add_argument("--weight-prior", default="gaussian", choices=("gaussian", "log-uniform", "ard"),
                        help="nested: prior over the weights (log-uniform: BNNN's sparsity prior)")
+    train.add_argument("--exits", type=int, default=4,
+                       help="exits, boosted-exits: number of exits (msdnet blocks, mlp layers; "
+                            "resnet: spread over its 3 stages of --depth blocks)")
+    train.add_argument("--gamma", type=float, default=0.5,
+                       help="boosted-exits: weight of the previous exits' ensemble, "
+                            "F_k = f_k + gamma F_(k-1) (BoostNet: 0.5)")
+    train.add_argument("--gradient-equilibrium", action=argparse.BooleanOptionalAction,
+                       default=None, help="exits, boosted-exits: rescale the gradients between "
+                                          "exits and later blocks (default: on for "
+                                          "boosted-exits, off for exits)")
+    train.add_argument("--stop-gradient", action=argparse.BooleanOptionalAction, default=True,
+                       help="boosted-exits: exit k's loss does not train the earlier exits "
+                            "through its history")
     train.add_argument("--ood", default="default",
                        help="OOD set for evaluation ('default' per dataset, 'none' to skip)")
     train.add_argument("--num-samples", type=int, default=8,
@@ -133,7 +148,9 @@ def cmd_train(args) -> int:
     out = Path(args.out or f"runs/{args.method}-{args.dataset}-s{args.seed}")
     recipe = recipes.Recipe(args.method, arch=args.arch, depth=args.depth, width=args.width,
                             prior=args.prior, keep_prob=args.keep_prob,
-                            weight_prior=args.weight_prior)
+                            weight_prior=args.weight_prior, exits=args.exits, gamma=args.gamma,
+                            gradient_equilibrium=args.gradient_equilibrium,
+                            stop_gradient=args.stop_gradient)
     fit_options = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        optimizer=args.optimizer, momentum=args.momentum,
                        weight_decay=args.weight_decay,

@@ -7,8 +7,12 @@ from dataclasses import asdict, dataclass
 
 from .distributions.weight_priors import WEIGHT_PRIORS
 from .guides import DepthGuide, EmptyGuide, NestedGuide
-from .models import DepthNet, DeterministicNet, NestedNet
+from .models import BoostedExits, DepthNet, DeterministicNet, MultiExitNet, NestedNet
 from .nn import (
+    evenly_spaced_exits,
+    msdnet,
+    multiexit_mlp,
+    multiexit_resnet,
     nested_convnet,
     nested_mlp,
     residual_mlp,
@@ -18,10 +22,12 @@ from .nn import (
 )
 from .validation import check_int, check_real
 
-IMPLEMENTED = ("deterministic", "depth", "nested", "nested-dropout")
-PLANNED = ("exits", "boosted-exits", "ensemble")
-ARCHS = ("mlp", "conv", "resnet18", "resnet50")
+IMPLEMENTED = ("deterministic", "depth", "nested", "nested-dropout", "exits", "boosted-exits")
+PLANNED = ("ensemble",)
+ARCHS = ("mlp", "conv", "resnet18", "resnet50", "msdnet", "resnet")
 REGRESSION_METHODS = ("deterministic", "depth")  # the methods with a Gaussian likelihood
+EXIT_METHODS = ("exits", "boosted-exits")
+EXIT_ARCHS = ("auto", "mlp", "msdnet", "resnet")  # auto: mlp for 8x8 inputs, msdnet otherwise
 
 
 @dataclass
@@ -36,6 +42,10 @@ class Recipe:
     prior_scale: float = 1.0  # nested: scale of the Gaussian weight prior
     kl_weight: float = 1.0  # nested: multiplies the KL terms (1: the ELBO)
     gumbel_logits: str = "log_probs"  # nested: "probs" reproduces the official code's bug
+    exits: int = 4  # exits: number of exits (msdnet blocks, mlp layers, resnet exits)
+    gamma: float = 0.5  # boosted-exits: weight of the previous ensemble, F_k = f_k + gamma F_{k-1}
+    gradient_equilibrium: bool | None = None  # exits: None = on for boosted-exits, off for exits
+    stop_gradient: bool = True  # boosted-exits: detach the history in the loss
 
     def __post_init__(self):
         if self.method in PLANNED:
@@ -62,6 +72,21 @@ class Recipe:
         if self.method in ("nested", "nested-dropout") and self.width % 16:
             raise ValueError(f"nested methods cut every layer into 16 unit groups: --width must "
                              f"be a multiple of 16 (32 for the conv net), got {self.width}")
+        self._check_exits()
+
+    def _check_exits(self):
+        exit_method = self.method in EXIT_METHODS
+        if exit_method and self.arch not in EXIT_ARCHS:
+            raise ValueError(f"arch {self.arch!r} has no exits; the {self.method} method takes "
+                             f"{', '.join(EXIT_ARCHS)}")
+        if not exit_method and self.arch in ("msdnet", "resnet"):
+            raise ValueError(f"arch {self.arch!r} is a multi-exit backbone for the exits and "
+                             f"boosted-exits methods, not {self.method}")
+        check_int("exits", self.exits, 1)
+        check_real("gamma", self.gamma, 0)
+        if self.method == "exits" and (self.gamma != 0.5 or not self.stop_gradient):
+            raise ValueError("gamma and stop_gradient are boosted-exits options; the exits "
+                             "method trains each exit on its own")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +123,25 @@ def nested_backbone(recipe: Recipe, input_shape, num_classes: int):
                           bayesian=bayesian)
 
 
+def exits_backbone(recipe: Recipe, input_shape, num_classes: int):
+    """The multi-exit backbone: an MLP (``exits`` layers of ``width``), MSDNet (BoostNet's CIFAR
+    layout, ``exits`` blocks; ``width``/``depth`` unused) or a CIFAR ResNet (3 stages of
+    ``depth`` basic blocks, widths ``width, 2 width, 4 width``, exits spread evenly)."""
+    channels, height, width = input_shape
+    arch = recipe.arch if recipe.arch != "auto" else ("mlp" if height * width <= 64 else "msdnet")
+    ge = recipe.gradient_equilibrium
+    ge = recipe.method == "boosted-exits" if ge is None else ge
+    if arch == "mlp":
+        return multiexit_mlp(channels * height * width, num_classes, recipe.width, recipe.exits,
+                             input_shape=input_shape, gradient_equilibrium=ge)
+    if arch == "msdnet":
+        return msdnet(channels, num_classes, num_blocks=recipe.exits, gradient_equilibrium=ge)
+    return multiexit_resnet(channels, num_classes, stages=(recipe.depth,) * 3,
+                            widths=(recipe.width, 2 * recipe.width, 4 * recipe.width),
+                            exits_after=evenly_spaced_exits(3 * recipe.depth, recipe.exits),
+                            gradient_equilibrium=ge)
+
+
 def build(recipe: Recipe, input_shape, num_classes: int | None):
     """``(model, guide)`` for ``recipe`` on inputs of ``input_shape`` (``num_classes`` None:
     regression, a Gaussian likelihood with a learned noise scale)."""
@@ -105,6 +149,14 @@ def build(recipe: Recipe, input_shape, num_classes: int | None):
     if likelihood == "regression" and recipe.method not in REGRESSION_METHODS:
         raise ValueError(f"method {recipe.method!r} is for classification; regression datasets "
                          f"work with: {', '.join(REGRESSION_METHODS)}")
+    if recipe.method in EXIT_METHODS:
+        net = exits_backbone(recipe, input_shape, num_classes)
+        if recipe.method == "exits":
+            model = MultiExitNet(net, num_classes, input_shape=input_shape)
+        else:
+            model = BoostedExits(net, num_classes, gamma=recipe.gamma,
+                                 stop_gradient=recipe.stop_gradient, input_shape=input_shape)
+        return model, EmptyGuide(model)
     if recipe.method in ("nested", "nested-dropout"):
         net = nested_backbone(recipe, input_shape, num_classes)
         model = NestedNet(net, num_classes, keep_prob=recipe.keep_prob, input_shape=input_shape,

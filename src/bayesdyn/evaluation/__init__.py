@@ -16,10 +16,18 @@ from .metrics import (
                       uncertainty,
 )
 from .ood import SCORES, ood_metrics
-from .protocols import apply_thresholds, budgeted_batch, exit_proportions, select_thresholds
+from .protocols import (
+                        apply_thresholds,
+                        budgeted_batch,
+                        exit_proportions,
+                        flat_curve,
+                        select_thresholds,
+                        thresholds_per_level,
+)
 
 __all__ = ["SCORES", "accuracy", "apply_thresholds", "brier", "budgeted_batch",
            "classification_metrics", "ece", "entropy", "evaluate", "exit_proportions",
            "forward_flops", "marginal_cost", "measure", "mixture_moments", "nll", "ood_metrics",
            "parameter_count", "plots", "prediction_flops", "regression_metrics", "reliability",
            "select_thresholds", "uncertainty"]
+__all__ += ["flat_curve", "thresholds_per_level"]

@@ -3,7 +3,9 @@
 - anytime: every metric at every budget, plus the structure-marginalised model;
 - budgeted batch (MSDNet, methods.md §2.5): budgets are tried cheapest first and an input stops
   at the first budget whose confidence passes that budget's threshold; thresholds are chosen on
-  the validation split for a range of target exit distributions and applied to the test split.
+  the validation split for a range of target exit distributions and applied to the test split
+  (``bayesdyn.inference.predict_early_exit`` applies the same thresholds while computing only
+  what each input needs); BoostNet's ``flat_curve`` post-processing is a separate step.
 """
 
 from __future__ import annotations
@@ -36,25 +38,28 @@ def exit_proportions(level: int, num_budgets: int, levels_per_unit: int = 20) ->
 
 
 def select_thresholds(confidence: torch.Tensor, proportions: torch.Tensor) -> torch.Tensor:
-    """Thresholds ``[K]`` such that, on these (validation) confidences ``[K, N]``, exactly
-    ``floor(N * proportions[k])`` of the inputs still running exit at budget ``k`` (the most
-    confident ones). The last threshold is ``-inf``: every remaining input exits there."""
+    """MSDNet's thresholds ``[K]`` from validation confidences ``[K, N]``: for ``k < K``, with
+    ``n_k = floor(N * proportions[k])``, ``t_k`` is the ``n_k``-th largest confidence among the
+    inputs still running, and every running input with ``conf_k >= t_k`` exits at ``k``. The last
+    threshold is ``-inf``: every remaining input exits there.
+
+    Ties follow MSDNet-PyTorch (``adaptive_inference.py``, ``dynamic_eval_find_threshold``): all
+    inputs tied at ``t_k`` exit, so more than ``n_k`` may leave; and when ``n_k`` is 0, or fewer
+    than ``n_k`` inputs are still running (earlier ties let more leave), ``t_k`` stays ``+inf``
+    (the code's ``1e8``) and no input exits at ``k``. The thresholds depend only on the
+    confidences, not on the order of the inputs."""
     k_budgets, n = confidence.shape
+    conf = confidence.double()
     thresholds = torch.full((k_budgets,), -math.inf, dtype=torch.float64)
-    running = torch.ones(n, dtype=torch.bool)
+    running = torch.ones(n, dtype=torch.bool, device=conf.device)
     for k in range(k_budgets - 1):
         target = int(math.floor(n * float(proportions[k])))
-        conf_k = confidence[k].double()
-        if target == 0:
+        remaining = conf[k][running]
+        if 1 <= target <= len(remaining):
+            thresholds[k] = remaining.topk(target).values[-1]
+        else:
             thresholds[k] = math.inf
-            continue
-        candidates = conf_k[running].sort(descending=True).values
-        target = min(target, len(candidates))
-        if target == 0:
-            thresholds[k] = math.inf
-            continue
-        thresholds[k] = candidates[target - 1]
-        running &= ~(conf_k >= thresholds[k])
+        running &= conf[k] < thresholds[k]
     return thresholds
 
 
@@ -65,25 +70,56 @@ def apply_thresholds(confidence: torch.Tensor, thresholds: torch.Tensor) -> torc
     return passed.int().argmax(0)
 
 
+def thresholds_per_level(val_confidence: torch.Tensor, levels: int = 39) -> torch.Tensor:
+    """MSDNet's thresholds ``[levels, K]`` for budget levels ``1..levels`` (target exit shares
+    ``∝ (level / 20)^k``) from validation confidences ``[K, N]``."""
+    k_budgets = val_confidence.shape[0]
+    return torch.stack([select_thresholds(val_confidence, exit_proportions(level, k_budgets))
+                        for level in range(1, levels + 1)])
+
+
+def confidence(preds) -> torch.Tensor:
+    """Top-1 confidences ``[K, N]`` of per-budget ``Prediction``s (max predictive probability)."""
+    return torch.stack([p.mean.max(-1).values for p in preds])
+
+
 def budgeted_batch(val_preds, val_labels, test_preds, test_labels, costs, levels: int = 39,
                    n_bins: int = 15) -> list[dict]:
     """The budgeted-batch curve. ``*_preds`` are per-budget ``Prediction`` objects, cheapest first;
     ``costs[k]`` the FLOPs per example of stopping at budget ``k`` (everything computed on the
-    way included). Returns one row per level with accuracy, nll, ece and mean ``flops``."""
-    val_conf = torch.stack([p.mean.max(-1).values for p in val_preds])
-    test_conf = torch.stack([p.mean.max(-1).values for p in test_preds])
+    way included). Returns one row per level with test accuracy, nll, ece, mean ``flops``, the
+    share of inputs exiting at each budget and ``val_accuracy`` (what ``flat_curve`` reads)."""
+    thresholds = thresholds_per_level(confidence(val_preds), levels)
+    test_conf, val_conf = confidence(test_preds), confidence(val_preds)
     test_means = torch.stack([p.mean for p in test_preds])  # [K, N, C]
+    val_means = torch.stack([p.mean for p in val_preds])
     costs_t = torch.tensor([float(c) for c in costs], dtype=torch.float64)
+    labels, val_labels = test_labels.cpu(), val_labels.cpu()
     rows = []
     for level in range(1, levels + 1):
-        thresholds = select_thresholds(val_conf, exit_proportions(level, len(val_preds)))
-        exit_at = apply_thresholds(test_conf, thresholds)
+        exit_at = apply_thresholds(test_conf, thresholds[level - 1])
         probs = test_means[exit_at, torch.arange(len(exit_at))]
-        labels = test_labels.cpu()
+        val_exit = apply_thresholds(val_conf, thresholds[level - 1])
+        val_probs = val_means[val_exit, torch.arange(len(val_exit))]
         rows.append({"level": level,
                      "flops": float(costs_t[exit_at].mean()),
                      "accuracy": float((probs.argmax(-1) == labels).double().mean()),
                      "nll": nll(probs, labels), "ece": ece(probs, labels, n_bins),
-                     "exit_fractions": torch.bincount(exit_at, minlength=len(val_preds))
+                     "val_accuracy": float((val_probs.argmax(-1) == val_labels).double().mean()),
+                     "exit_fractions": torch.bincount(exit_at, minlength=len(test_preds))
                      .div(len(exit_at)).tolist()})
     return rows
+
+
+def flat_curve(rows: list[dict]) -> list[dict]:
+    """BoostNet's ``--flat_curve`` post-processing of a budgeted-batch curve (methods.md §3.4):
+    a level whose validation accuracy does not beat the best so far reports the metrics of that
+    best level, at its own FLOPs. It makes the curve monotone in validation accuracy and selects
+    on it, so report it beside the raw curve, never instead of it. Rows get ``"flat": True``."""
+    out, best = [], None
+    for row in sorted(rows, key=lambda r: r["level"]):
+        if best is None or row["val_accuracy"] > best["val_accuracy"]:
+            best = row
+        carried = {k: v for k, v in best.items() if k not in ("level", "flops", "exit_fractions")}
+        out.append({**row, **carried, "flat": True})
+    return out

@@ -2,12 +2,14 @@
 
 from ..validation import check_inputs, resolve_device
 from .checkpoint import atomic_save, load_checkpoint
+from .dynamic import EarlyExitPrediction, exit_confidences, fit_thresholds, predict_early_exit
 from .fit import FitConfig, History, TrainingDivergedError, fit
 from .predict import NormalMixture, Prediction, predict, predict_normal
 
 __all__ = ["FitConfig", "History", "NormalMixture", "Prediction", "TrainingDivergedError", "atomic_save",
            "check_inputs", "fit", "load_checkpoint", "loo", "predict", "predict_normal", "resolve_device",
            "to_datatree"]
+__all__ += ["EarlyExitPrediction", "exit_confidences", "fit_thresholds", "predict_early_exit"]
 
 
 def __getattr__(name):  # ArviZ is imported only when the export is used
