@@ -47,6 +47,7 @@ def worker(args):
     if World().main:
         print(json.dumps({"seconds": seconds}))
     if World().active:
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

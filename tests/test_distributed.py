@@ -43,7 +43,8 @@ fit(model, guide, data, epochs=epochs, batch_size=20, lr=0.05, optimizer="sgd", 
 if world.main:
     state = {k: v.tolist() for k, v in {**model.state_dict(), **guide.state_dict()}.items()}
     Path(result).write_text(json.dumps(state))
-if world.active:
+if world.active:  # every process done with the group before it goes
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 """
 

@@ -31,9 +31,10 @@ def main(argv=None) -> int:
         print(f"bayesdyn {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        if joined:
+        if joined:  # every process done with the group (process 0 evaluates) before it goes
             import torch.distributed as dist
 
+            dist.barrier()
             dist.destroy_process_group()
 
 
