@@ -31,10 +31,9 @@ def main(argv=None) -> int:
         print(f"bayesdyn {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        if joined:  # every process done with the group (process 0 evaluates) before it goes
+        if joined:
             import torch.distributed as dist
 
-            dist.barrier()
             dist.destroy_process_group()
 
 

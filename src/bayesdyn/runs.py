@@ -53,6 +53,8 @@ def train_run(recipe: recipes.Recipe, dataset: str, out, *, data_root=None, down
         write_json(out / "config.json", config)
     history = fit(model, guide, data, device=device, out=out, resume=resume, progress=progress,
                   seed=seed, **fit_options)
+    if world.active:  # every process has finished training before any leaves the group
+        torch.distributed.barrier()
     if not world.main:
         return None
     train_seconds = round(sum(e["seconds"] for e in history.epochs), 3)
