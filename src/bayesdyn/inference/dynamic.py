@@ -29,6 +29,7 @@ class EarlyExitPrediction:
     thresholds: torch.Tensor
 
     def exit_fractions(self) -> list[float]:
+        """Share of the inputs leaving at each exit."""
         k = len(self.thresholds)
         return torch.bincount(self.exit_index, minlength=k).div(len(self.exit_index)).tolist()
 

@@ -119,6 +119,7 @@ class MultiExitStack(nn.Module):
         return len(self.blocks)
 
     def check_exit(self, k: int) -> int:
+        """``k`` when it is an exit of this stack (0-based), else a clear error."""
         if not 0 <= k < self.num_exits:
             raise ValueError(f"exit index must be in 0..{self.num_exits - 1} (0-based), got {k}")
         return k
