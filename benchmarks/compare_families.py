@@ -74,8 +74,9 @@ def run_seed(args, widths, data, seed, device, done) -> list[dict]:
     and evaluate it and its post-hoc variants."""
     new = []
     for method in args.families:
-        variants = [method, *(n for n, (base, _) in POST_HOC.items() if base == method)]
-        if all(any(r["family"] == v and r["seed"] == seed for r in done) for v in variants):
+        variants = [v for v in (method, *(n for n, (base, _) in POST_HOC.items() if base == method))
+                    if not any(r["family"] == v and r["seed"] == seed for r in done)]
+        if not variants:
             continue
         model, guide, seconds = train(args, method, widths[method], data, seed, device)
         for variant in variants:
