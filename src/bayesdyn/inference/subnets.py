@@ -140,8 +140,10 @@ class MaskSearch(DynamicModel):
         xs, ys = self.chunks(x, y)
         scales = self.scales()
         logits = self.net(xs, scales)  # [M, b, C]: one vectorised forward
-        penalty = self.divergence_weight / (total_divergence(scales, self.divergence,
-                                                             self.bandwidth) + 1e-12)
+        penalty = logits.new_zeros(())
+        if self.num_members > 1 and self.divergence_weight > 0:  # one member: no pair, no term
+            penalty = self.divergence_weight / (total_divergence(scales, self.divergence,
+                                                                 self.bandwidth) + 1e-12)
         return logits, ys, penalty * (dataset_size or x.shape[0])
 
     def model(self, x, y=None, dataset_size=None):

@@ -223,7 +223,7 @@ class StructuredEnsemble(MemberEnsemble):
 
     def member_parameters(self) -> list[int]:
         """Parameters of each member."""
-        return [sum(p[0].numel() for p in member.parameters())
+        return [sum(p.numel() for p in member.parameters())
                 for member in self.member_modules(self.num_members)]
 
 

@@ -108,6 +108,13 @@ class StackedNet(nn.Module):
 
     def forward(self, x: torch.Tensor, scales=None, members: int | None = None) -> torch.Tensor:
         k = self.members if members is None else members
+        h = self.features(x, scales, k)
+        return torch.baddbmm(self.classifier_bias[:k].unsqueeze(1), h,
+                             self.classifier_weight[:k].transpose(1, 2))
+
+    def features(self, x: torch.Tensor, scales=None, members: int | None = None) -> torch.Tensor:
+        """The classifier's inputs ``[k, B, C_last]`` (after global pooling for conv nets)."""
+        k = self.members if members is None else members
         if not 1 <= k <= self.members:
             raise ValueError(f"members must be in 1..{self.members}, got {k}")
         shared = x.dim() == len(self.spec.input_shape) + 1
@@ -116,10 +123,8 @@ class StackedNet(nn.Module):
                              f"{tuple(x.shape)}")
         if scales is not None and len(scales) != len(self.spec.widths):
             raise ValueError(f"pass one scale per unit ({len(self.spec.widths)}), got {len(scales)}")
-        h = self._conv_units(x, shared, k, scales) if self.spec.conv else \
+        return self._conv_units(x, shared, k, scales) if self.spec.conv else \
             self._linear_units(x, shared, k, scales)
-        return torch.baddbmm(self.classifier_bias[:k].unsqueeze(1), h,
-                             self.classifier_weight[:k].transpose(1, 2))
 
     def _norm(self, i: int, h: torch.Tensor, k: int) -> torch.Tensor:
         """BatchNorm of unit ``i`` on the grouped layout ``[B, k * C, ...]``: the first ``k``
