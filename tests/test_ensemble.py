@@ -296,3 +296,21 @@ def test_continual_runs_and_reports(tmp_path):
     assert sep["parameters"][1] == 2 * sep["parameters"][0]
     with pytest.raises(ValueError, match="method must be"):
         run_continual(split_tasks(data), spec, "bogus")
+
+
+def test_cli_run_resumes_with_the_found_structure_and_evaluates(tmp_path):
+    from bayesdyn.cli import main
+    from bayesdyn.runs import evaluate_run, load_run
+
+    out = tmp_path / "se"
+    common = ["train", "structured-ensemble", "--dataset", "digits", "--batch-size", "128",
+              "--depth", "2", "--width", "16", "--mask-epochs", "1", "--ood", "none",
+              "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert main([*common, "--epochs", "1"]) == 0
+    first = load_run(out).model.structure.clone()
+    assert main([*common, "--epochs", "2", "--resume"]) == 0
+    run = load_run(out)
+    assert torch.equal(run.model.structure, first) and len(run.history) == 2
+    metrics = evaluate_run(out, device="cpu")
+    assert [b["params"] for b in metrics["budgets"]][-1] == sum(run.model.member_parameters())
+    assert metrics["budgets"][-1]["params"] < 3 * (64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10)

@@ -190,6 +190,34 @@ class StructuredEnsemble(MemberEnsemble):
         self.groups = nn.ModuleList(stack_members(g) for g in groups.values())
         self.register_buffer("structure", self._structure_tensor())
 
+    @classmethod
+    def untrained(cls, base: StackedNet, members: int, combine: str = "probs",
+                  **search_options) -> StructuredEnsemble:
+        """An ensemble whose members are found on the training data by ``prepare_training``
+        (``bayesdyn.runs.train_run`` calls it before ``fit``): until then, ``members`` copies of
+        ``base``. ``search_options`` go to ``bayesdyn.inference.structured_subnetworks`` (q,
+        scope, mask_epochs, divergence, divergence_weight, ...)."""
+        model = cls([base] * members, combine=combine)
+        model._pending_search = (base, members, search_options)
+        return model
+
+    def prepare_training(self, train, device="cpu", seed: int = 0) -> None:
+        """Stages 1-4 on ``train`` (a ``TensorDataset``) when the ensemble was made by
+        ``untrained``: the groups become the extracted members; ``search_report`` keeps the
+        scales, importances and kept channels."""
+        pending = getattr(self, "_pending_search", None)
+        if pending is None:
+            return
+        from ..inference.subnets import structured_subnetworks
+
+        base, members, options = pending
+        x, y = train.tensors
+        nets, self.search_report = structured_subnetworks(base, x, y, members, seed=seed,
+                                                          device=device, **options)
+        fresh = StructuredEnsemble(nets, combine=self.combine)
+        self.groups, self.structure = fresh.groups, fresh.structure
+        self._pending_search = None
+
     def _structure_tensor(self) -> torch.Tensor:
         """``[G, 1 + L]``: members and unit widths of each group (checkpoints rebuild from it)."""
         return torch.tensor([[g.members, *g.spec.widths] for g in self.groups])
