@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.base import DynamicModel, data_plate
+from ..models.base import DynamicModel
 from ..nn.members import StackedNet, extract, stack_members
 
 DIVERGENCES = ("gaussian", "official")
