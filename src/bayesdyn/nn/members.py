@@ -146,12 +146,13 @@ class StackedNet(nn.Module):
         batch = x.shape[0] if shared else x.shape[1]
         h = x.reshape(batch, -1) if shared else x.reshape(k, batch, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            if h.dim() == 2:  # the shared input: one matmul for every member
-                h = torch.einsum("bi,moi->mbo", h, w[:k]) + b[:k, None]
+            width = w.shape[1]
+            if h.dim() == 2:  # the shared input: one matmul for every member, [B, k * C]
+                h = torch.addmm(b[:k].flatten(), h, w[:k].flatten(0, 1).T)
             else:
                 h = torch.baddbmm(b[:k].unsqueeze(1), h, w[:k].transpose(1, 2))
-            width = w.shape[1]
-            h = self._norm(i, h.transpose(0, 1).reshape(batch, k * width), k)
+                h = h.transpose(0, 1).reshape(batch, k * width)
+            h = self._norm(i, h, k)
             h = h.view(batch, k, width).transpose(0, 1)  # [k, B, C]
             if scales is not None:
                 h = h * scales[i][:k, None, :]
@@ -159,17 +160,17 @@ class StackedNet(nn.Module):
         return h
 
     def _conv_units(self, x, shared, k, scales):
-        if shared:  # [B, C, H, W] -> the grouped layout [B, k * C, H, W]
-            h = x.repeat(1, k, 1, 1)
-        else:
-            h = x.transpose(0, 1).flatten(1, 2)
+        # members side by side in the channels: the grouped layout [B, k * C, H, W]
+        h = x if shared else x.transpose(0, 1).flatten(1, 2)
         batch, unit = h.shape[0], 0
         for entry in self.spec.layers:
             if entry == "M":
                 h = F.max_pool2d(h, 2)
                 continue
             w, b = self.weights[unit][:k], self.biases[unit][:k]
-            h = F.conv2d(h, w.flatten(0, 1), b.flatten(), padding=1, groups=k)
+            # a shared input meets every member's first filters in one dense convolution
+            groups = 1 if shared and unit == 0 else k
+            h = F.conv2d(h, w.flatten(0, 1), b.flatten(), padding=1, groups=groups)
             h = self._norm(unit, h, k)
             if scales is not None:
                 h = h * scales[unit][:k].reshape(1, -1, 1, 1)
