@@ -315,6 +315,7 @@ class DeepEnsemble(MemberEnsemble):
         return out
 
     def structure_device(self) -> torch.device:
+        """The device of the stacked parameters."""
         return next(iter(self.stacked.values())).device
 
 
