@@ -22,7 +22,7 @@ def test_help_lists_commands():
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "demo"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "demo", "continual"])
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -39,8 +39,12 @@ def test_unknown_method_and_dataset_are_clear_errors(tmp_path, capsys):
     assert "unknown method 'bogus'" in capsys.readouterr().err
     assert main(["train", "depth", "--dataset", "bogus", "--out", str(tmp_path / "b")]) == 2
     assert "unknown dataset 'bogus'" in capsys.readouterr().err
-    assert main(["train", "ensemble", "--dataset", "digits", "--out", str(tmp_path / "c")]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert main(["train", "structured-ensemble", "--dataset", "digits", "--prune", "1.5",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "prune" in capsys.readouterr().err
+    assert main(["continual", "subnets", "--dataset", "digits", "--epochs", "0",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "epochs" in capsys.readouterr().err
 
 
 def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):

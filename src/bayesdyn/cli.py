@@ -48,8 +48,7 @@ def make_parser() -> argparse.ArgumentParser:
                            description="Train METHOD on a dataset; writes metrics.json, "
                                        "config.json, checkpoint.pt, plots/ and posterior.nc to --out.")
     train.add_argument("method", metavar="METHOD",
-                       help=f"one of {', '.join(recipes.IMPLEMENTED)} (planned, not built yet: "
-                            f"{', '.join(recipes.PLANNED)})")
+                       help=f"one of {', '.join(recipes.IMPLEMENTED)}")
     train.add_argument("--dataset", required=True, help="digits, fashion-mnist, mnist, kmnist, "
                        "cifar10, cifar100, svhn; regression: diabetes, toy-1d")
     train.add_argument("--data-root", default=None, help="folder holding the dataset files")
@@ -89,6 +88,22 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-gradient", action=argparse.BooleanOptionalAction, default=True,
                        help="boosted-exits: exit k's loss does not train the earlier exits "
                             "through its history")
+    ens = train.add_argument_group("ensembles (structured-ensemble, ensemble; arch mlp or conv)")
+    ens.add_argument("--members", type=int, default=3, help="ensemble members M")
+    ens.add_argument("--prune", type=float, default=0.5,
+                     help="structured-ensemble: fraction q of the channels pruned per member")
+    ens.add_argument("--prune-scope", default="global", choices=("global", "local"),
+                     help="structured-ensemble: one ranking over all layers, or per layer "
+                          "(local: equal widths, so all members run in one pass)")
+    ens.add_argument("--divergence", default="gaussian", choices=("gaussian", "official"),
+                     help="structured-ensemble: MMD between members' masks (official: the "
+                          "released code's formula, can be negative)")
+    ens.add_argument("--divergence-weight", type=float, default=0.01,
+                     help="structured-ensemble: w in CE + w / (sum of MMDs) (0: off)")
+    ens.add_argument("--mask-epochs", type=int, default=10,
+                     help="structured-ensemble: epochs of the mask stage")
+    ens.add_argument("--combine", default="probs", choices=("probs", "logits"),
+                     help="ensembles: average the members' probabilities or their logits")
     train.add_argument("--ood", default="default",
                        help="OOD set for evaluation ('default' per dataset, 'none' to skip)")
     train.add_argument("--num-samples", type=int, default=8,
@@ -133,6 +148,32 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(handler=cmd_evaluate)
 
+    cl = sub.add_parser("continual", help="task-incremental continual learning with "
+                                          "structured sub-networks",
+                        description="Split the dataset into tasks of two classes and train them "
+                                    "in turn; writes metrics.json (task accuracy matrix, average "
+                                    "accuracy, backward transfer, parameters after each task).")
+    cl.add_argument("method", metavar="METHOD", choices=("subnets", "finetune", "separate"),
+                    help="subnets (channels per task, earlier ones frozen), finetune (one "
+                         "network trained on each task in turn) or separate (one per task)")
+    cl.add_argument("--dataset", default="fashion-mnist")
+    cl.add_argument("--data-root", default=None)
+    cl.add_argument("--epochs", type=int, default=10, help="epochs per task")
+    cl.add_argument("--prune", type=float, default=0.5,
+                    help="subnets: fraction of the free channels a task leaves free")
+    cl.add_argument("--mask-epochs", type=int, default=2, help="subnets: mask-stage epochs")
+    cl.add_argument("--width", type=int, default=256)
+    cl.add_argument("--depth", type=int, default=2)
+    cl.add_argument("--batch-size", type=int, default=128)
+    cl.add_argument("--lr", type=float, default=1e-3)
+    cl.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE")
+    cl.add_argument("--train-subset", type=int, default=None,
+                    help="train on this many training examples (all tasks together)")
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--device", default="cpu")
+    cl.add_argument("--out", default=None, help="default runs/continual-METHOD-DATASET-sSEED")
+    cl.set_defaults(handler=cmd_continual)
+
     demo = sub.add_parser("demo", help="train every implemented family on digits (CPU, minutes) "
                                        "and print one comparison table")
     demo.add_argument("--epochs", type=int, default=30)
@@ -150,7 +191,11 @@ def cmd_train(args) -> int:
                             prior=args.prior, keep_prob=args.keep_prob,
                             weight_prior=args.weight_prior, exits=args.exits, gamma=args.gamma,
                             gradient_equilibrium=args.gradient_equilibrium,
-                            stop_gradient=args.stop_gradient)
+                            stop_gradient=args.stop_gradient, members=args.members,
+                            prune=args.prune, prune_scope=args.prune_scope,
+                            divergence=args.divergence,
+                            divergence_weight=args.divergence_weight,
+                            mask_epochs=args.mask_epochs, combine=args.combine)
     fit_options = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        optimizer=args.optimizer, momentum=args.momentum,
                        weight_decay=args.weight_decay,
@@ -169,6 +214,25 @@ def cmd_train(args) -> int:
     if metrics is not None:  # under torchrun, the process that evaluated
         print(format_table([metrics]))
         print(f"run directory: {out}")
+    return 0
+
+
+def cmd_continual(args) -> int:
+    from .ensemble_recipes import continual_run
+
+    out = Path(args.out or f"runs/continual-{args.method}-{args.dataset}-s{args.seed}")
+    result = continual_run(args.dataset, args.method, out, data_root=args.data_root,
+                           seed=args.seed, epochs=args.epochs, prune=args.prune,
+                           mask_epochs=args.mask_epochs, width=args.width, depth=args.depth,
+                           batch_size=args.batch_size, lr=args.lr,
+                           early_stopping=args.early_stopping, train_subset=args.train_subset,
+                           device=args.device)
+    print("accuracy matrix (row i: after task i; column j: task j)")
+    for row in result["accuracy_matrix"]:
+        print("  " + " ".join(f"{v:.3f}" for v in row))
+    print(f"average accuracy {result['average_accuracy']:.4f}, backward transfer "
+          f"{result['backward_transfer']:+.4f}, parameters {result['parameters']}")
+    print(f"run directory: {out}")
     return 0
 
 

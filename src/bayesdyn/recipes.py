@@ -22,8 +22,10 @@ from .nn import (
 )
 from .validation import check_int, check_real
 
-IMPLEMENTED = ("deterministic", "depth", "nested", "nested-dropout", "exits", "boosted-exits")
-PLANNED = ("ensemble",)
+IMPLEMENTED = ("deterministic", "depth", "nested", "nested-dropout", "exits", "boosted-exits",
+               "structured-ensemble", "ensemble")
+PLANNED = ()
+ENSEMBLE_METHODS = ("structured-ensemble", "ensemble")
 ARCHS = ("mlp", "conv", "resnet18", "resnet50", "msdnet", "resnet")
 REGRESSION_METHODS = ("deterministic", "depth")  # the methods with a Gaussian likelihood
 EXIT_METHODS = ("exits", "boosted-exits")
@@ -46,6 +48,13 @@ class Recipe:
     gamma: float = 0.5  # boosted-exits: weight of the previous ensemble, F_k = f_k + gamma F_{k-1}
     gradient_equilibrium: bool | None = None  # exits: None = on for boosted-exits, off for exits
     stop_gradient: bool = True  # boosted-exits: detach the history in the loss
+    members: int = 3  # ensembles: M
+    prune: float = 0.5  # structured-ensemble: pruned fraction q of the channels
+    prune_scope: str = "global"  # structured-ensemble: global | local
+    divergence: str = "gaussian"  # structured-ensemble: gaussian | official (MMD of the masks)
+    divergence_weight: float = 0.01  # structured-ensemble: w of w / (sum of MMDs)
+    mask_epochs: int = 10  # structured-ensemble: epochs of the mask stage
+    combine: str = "probs"  # ensembles: average probabilities, or "logits" (the paper)
 
     def __post_init__(self):
         if self.method in PLANNED:
@@ -73,6 +82,12 @@ class Recipe:
             raise ValueError(f"nested methods cut every layer into 16 unit groups: --width must "
                              f"be a multiple of 16 (32 for the conv net), got {self.width}")
         self._check_exits()
+        self._check_ensembles()
+
+    def _check_ensembles(self):
+        from .ensemble_recipes import check_ensemble_options
+
+        check_ensemble_options(self)
 
     def _check_exits(self):
         exit_method = self.method in EXIT_METHODS
@@ -157,6 +172,10 @@ def build(recipe: Recipe, input_shape, num_classes: int | None):
             model = BoostedExits(net, num_classes, gamma=recipe.gamma,
                                  stop_gradient=recipe.stop_gradient, input_shape=input_shape)
         return model, EmptyGuide(model)
+    if recipe.method in ENSEMBLE_METHODS:
+        from .ensemble_recipes import build_ensemble
+
+        return build_ensemble(recipe, input_shape, num_classes)
     if recipe.method in ("nested", "nested-dropout"):
         net = nested_backbone(recipe, input_shape, num_classes)
         model = NestedNet(net, num_classes, keep_prob=recipe.keep_prob, input_shape=input_shape,

@@ -2,14 +2,26 @@
 
 from ..validation import check_inputs, resolve_device
 from .checkpoint import atomic_save, load_checkpoint
+from .continual import ContinualSubnets, run_continual, split_tasks
 from .dynamic import EarlyExitPrediction, exit_confidences, fit_thresholds, predict_early_exit
 from .fit import FitConfig, History, TrainingDivergedError, fit
 from .predict import NormalMixture, Prediction, predict, predict_normal
+from .subnets import (
+    MaskSearch,
+    channel_importance,
+    gaussian_mmd,
+    official_mmd,
+    prune,
+    structured_subnetworks,
+    total_divergence,
+)
 
 __all__ = ["FitConfig", "History", "NormalMixture", "Prediction", "TrainingDivergedError", "atomic_save",
            "check_inputs", "fit", "load_checkpoint", "loo", "predict", "predict_normal", "resolve_device",
            "to_datatree"]
 __all__ += ["EarlyExitPrediction", "exit_confidences", "fit_thresholds", "predict_early_exit"]
+__all__ += ["ContinualSubnets", "MaskSearch", "channel_importance", "gaussian_mmd", "official_mmd",
+            "prune", "run_continual", "split_tasks", "structured_subnetworks", "total_divergence"]
 
 
 def __getattr__(name):  # ArviZ is imported only when the export is used

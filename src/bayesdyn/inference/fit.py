@@ -351,7 +351,16 @@ class Trainer:
             hits += float((mean.argmax(-1) == yb).sum())
             nll -= float(mean.gather(-1, yb[:, None]).clamp_min(1e-12).log().sum())
             n += len(yb)
-        return {"val_accuracy": hits / n, "val_nll": nll / n}
+        return {"val_accuracy": hits / n, "val_nll": nll / n, **self._member_validation()}
+
+    def _member_validation(self) -> dict:
+        """The model's own extra validation metrics (ensembles: per member), when it has any."""
+        hook = getattr(self.model, "member_validation", None)
+        if hook is None:
+            return {}
+        x, y = (torch.cat(parts) for parts in zip(*self.val_data.all_batches(2048), strict=True))
+        with torch.no_grad(), _EvalMode(self.model, self.guide):
+            return hook(self.guide, x, y)
 
     def _early_stopping(self, record) -> bool:
         c = self.config

@@ -3,9 +3,11 @@
 from .base import Budget, DynamicModel, PredictiveSamples
 from .depth import DepthNet, depth_prior
 from .deterministic import DeterministicNet
+from .ensemble import DeepEnsemble, MemberGuide, StructuredEnsemble
 from .exits import BoostedExits, MultiExitNet
 from .nested import NestedNet
 
 __all__ = ["Budget", "DepthNet", "DeterministicNet", "DynamicModel", "NestedNet", "PredictiveSamples",
            "depth_prior"]
 __all__ += ["BoostedExits", "MultiExitNet"]
+__all__ += ["DeepEnsemble", "MemberGuide", "StructuredEnsemble"]
