@@ -30,14 +30,17 @@ from bayesdyn.data import default_ood, load
 from bayesdyn.evaluation import evaluate, measure, pareto_front, plots
 from bayesdyn.inference import fit, resolve_device
 
-FAMILIES = ("deterministic", "depth", "nested", "nested-dropout", "exits", "boosted-exits")
+FAMILIES = ("deterministic", "depth", "nested", "nested-dropout", "exits", "boosted-exits",
+            "structured-ensemble", "ensemble")
 POST_HOC: dict = {}  # name: (family it is fitted on, fn(model, guide, data) -> (model, guide))
 METRICS = ("accuracy", "nll", "ece", "ood_auroc")
 RESULTS_DIR = Path(__file__).with_name("results")
 
 
 def recipe(args, method: str, width: int) -> recipes.Recipe:
-    return recipes.Recipe(method, arch="mlp", depth=args.depth, width=width, exits=args.exits)
+    extra = {"mask_epochs": args.epochs} if method == "structured-ensemble" else {}
+    return recipes.Recipe(method, arch="mlp", depth=args.depth, width=width, exits=args.exits,
+                          **extra)
 
 
 def full_flops(args, method: str, width: int, data) -> int:
@@ -47,7 +50,11 @@ def full_flops(args, method: str, width: int, data) -> int:
 
 
 def matched_width(args, method: str, data, target: int) -> int:
-    """The width (nested: a multiple of 16) whose full network costs closest to ``target``."""
+    """The width (nested: a multiple of 16) whose full network costs closest to ``target``. A
+    structured ensemble is cut from the network its deep ensemble is made of (the paper's
+    comparison), so it takes the deep ensemble's width and costs what its pruning leaves."""
+    if method == "structured-ensemble":
+        method = "ensemble"
     widths = range(16, 4 * args.width + 1, 16 if method.startswith("nested") else 8)
     return min(widths, key=lambda w: abs(math.log(full_flops(args, method, w, data) / target)))
 
@@ -64,6 +71,9 @@ def train(args, method, width, data, seed, device):
     torch.manual_seed(seed)
     model, guide = recipes.build(recipe(args, method, width), data.input_shape, data.num_classes)
     started = time.perf_counter()
+    prepare = getattr(model, "prepare_training", None)  # a structured ensemble's mask stage
+    if prepare is not None:
+        prepare(data.train, device, seed)
     fit(model, guide, data, device=device, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, schedule="cosine", seed=seed, progress=False)
     return model, guide, time.perf_counter() - started
@@ -167,7 +177,10 @@ def cell(row, key, scale=1.0, digits=4):
 def record(args, device, data, widths, table, figure_path):
     lines = [*header(f"all families through one budget interface, {args.dataset}", device),
              f"- backbones: MLPs ({args.depth} residual blocks for deterministic/depth, 2 hidden "
-             f"layers for nested, {args.exits} exits for the exit families), widths chosen so the "
+             f"layers for nested, {args.exits} exits for the exit families, {args.depth} hidden "
+             f"layers per member of the 3-member ensembles; the structured ensemble is cut (q = 0.5)"
+             f" from the deep ensemble's member network after a mask stage of as many epochs), widths "
+             f"chosen so the "
              f"full network costs about the deterministic width-{args.width} net's FLOPs: "
              + ", ".join(f"{m} {w}" for m, w in widths.items()),
              f"- training: {len(data.train)} images, {args.epochs} epochs, Adam lr {args.lr} "
