@@ -314,3 +314,29 @@ def test_cli_run_resumes_with_the_found_structure_and_evaluates(tmp_path):
     metrics = evaluate_run(out, device="cpu")
     assert [b["params"] for b in metrics["budgets"]][-1] == sum(run.model.member_parameters())
     assert metrics["budgets"][-1]["params"] < 3 * (64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10)
+
+
+def test_fit_runs_the_mask_stage_and_a_resumed_fit_trains_the_found_structure(tmp_path):
+    """``fit`` on a freshly built structured ensemble finds the members first (not the unpruned
+    network); resuming rebuilds them from the checkpoint before the optimiser is made."""
+    from bayesdyn import recipes
+
+    x, y = toy_data(64, shape=(1, 8, 8), classes=10)
+    recipe = recipes.Recipe("structured-ensemble", depth=2, width=16, mask_epochs=1)
+
+    def build():
+        torch.manual_seed(0)
+        return recipes.build(recipe, (1, 8, 8), 10)
+
+    model, guide = build()
+    unpruned = sum(p.numel() for p in model.parameters())
+    fit(model, guide, (x, y), epochs=1, batch_size=32, out=tmp_path, progress=False)
+    found = model.structure.clone()
+    after_one = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sum(p.numel() for p in model.parameters()) < unpruned
+    resumed, guide = build()
+    fit(resumed, guide, (x, y), epochs=2, batch_size=32, out=tmp_path, resume=True, progress=False)
+    assert torch.equal(resumed.structure, found)
+    moved = [not torch.equal(v, after_one[k]) for k, v in resumed.state_dict().items()
+             if k.endswith("weight") and v.dtype.is_floating_point]
+    assert any(moved)  # the optimiser holds the rebuilt members' parameters
