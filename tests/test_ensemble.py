@@ -314,3 +314,26 @@ def test_cli_run_resumes_with_the_found_structure_and_evaluates(tmp_path):
     metrics = evaluate_run(out, device="cpu")
     assert [b["params"] for b in metrics["budgets"]][-1] == sum(run.model.member_parameters())
     assert metrics["budgets"][-1]["params"] < 3 * (64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10)
+
+
+def test_reparameterised_masks_and_reinitialised_extraction():
+    torch.manual_seed(0)
+    x, y = toy_data(40)
+    search = MaskSearch(StackedNet(MLP, 1), 2, parametrisation="normal")
+    a, b = search.scales(), search.scales()
+    assert not torch.equal(a[0], b[0])  # s = mu + sigma eps, a new eps per call
+    assert all(torch.equal(s, mu) for s, mu in zip(search.scales(sample=False), search.loc,
+                                                   strict=True))
+    loss, _ = search.fast_loss(search.default_guide(), x, y, 40)
+    loss.backward()
+    assert search.log_scale[0].grad.abs().sum() > 0  # sigma is trained through the samples
+    assert search.net.weights[0].grad is None  # W0 stays frozen
+    base = StackedNet(MLP, 1)
+    copied, report = structured_subnetworks(base, x, y, members=2, mask_epochs=0, q=0.5)
+    expected = base.weights[0][0][report["kept"][0][0]]
+    assert torch.equal(copied[0].weights[0][0], expected)
+    fresh, report = structured_subnetworks(base, x, y, members=2, mask_epochs=0, q=0.5,
+                                           reinit=True)
+    assert not torch.equal(fresh[0].weights[0][0], base.weights[0][0][report["kept"][0][0]])
+    with pytest.raises(ValueError, match="parametrisation"):
+        MaskSearch(base, 2, parametrisation="beta")
