@@ -337,3 +337,21 @@ def test_reparameterised_masks_and_reinitialised_extraction():
     assert not torch.equal(fresh[0].weights[0][0], base.weights[0][0][report["kept"][0][0]])
     with pytest.raises(ValueError, match="parametrisation"):
         MaskSearch(base, 2, parametrisation="beta")
+
+
+def test_importances_use_batch_statistics_not_the_running_ones():
+    """The official code ran the importance pass with freshly reset running statistics in eval
+    mode (methods.md §5.7 bug 4); here BatchNorm normalises with each batch's statistics, so the
+    running averages (and the module's mode) do not matter and are left untouched."""
+    torch.manual_seed(0)
+    search = MaskSearch(StackedNet(MLP, 1), 2)
+    x, y = toy_data(40)
+    first = channel_importance(search, x, y, batch_size=20)
+    with torch.no_grad():
+        for norm in search.net.norms:
+            norm.running_mean.normal_(0, 3), norm.running_var.uniform_(0.1, 5)
+    search.net.eval()
+    running = search.net.norms[0].running_mean.clone()
+    again = channel_importance(search, x, y, batch_size=20)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(first, again, strict=True))
+    assert torch.equal(search.net.norms[0].running_mean, running) and not search.net.training
