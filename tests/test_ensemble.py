@@ -22,7 +22,7 @@ from bayesdyn.inference.subnets import (
     structured_subnetworks,
     total_divergence,
 )
-from bayesdyn.models import DeepEnsemble, MemberGuide, StructuredEnsemble
+from bayesdyn.models import Budget, DeepEnsemble, MemberGuide, StructuredEnsemble
 from bayesdyn.nn.members import PlainSpec, StackedNet, extract, member_of, to_sequential
 
 MLP = PlainSpec((1, 4, 4), (6, 5), 3)
@@ -80,6 +80,11 @@ def test_deep_ensemble_vmap_equals_separate_networks():
         assert torch.allclose(ens.buffer__2__running_mean[m], net[2].running_mean, atol=1e-6)
     ens.eval()
     assert torch.allclose(ens.member_logits(x, 2)[1], nets[1].eval()(x), atol=1e-5)
+    stacked = StackedNet(MLP, 3).eval()  # the batched-matmul engine, the same interface
+    fast = DeepEnsemble(stacked)
+    assert torch.allclose(fast.member_logits(x, 2), stacked(x)[:2])
+    assert sum(p.numel() for p in fast.budget_module(Budget("1", 1)).parameters()) == \
+        sum(p.numel() for p in to_sequential(stacked, 0).parameters())
 
 
 # --- mask stage -----------------------------------------------------------------------------------
