@@ -29,6 +29,8 @@ SHAPES = {
     "digits MLP 64-64-64, batch 64": (PlainSpec((1, 8, 8), (64, 64), 10), 64),
     "MLP 784-256-256, batch 128": (PlainSpec((1, 28, 28), (256, 256), 10), 128),
     "MLP 784-256-256, batch 512": (PlainSpec((1, 28, 28), (256, 256), 10), 512),
+    "conv 16-M-32 (8x8 digits), batch 64": (PlainSpec((1, 8, 8), (16, "M", 32), 10, conv=True),
+                                            64),
     "conv 32-M-64-M (28x28), batch 128": (PlainSpec((1, 28, 28), (32, "M", 64, "M"), 10,
                                                      conv=True), 128),
 }

@@ -22,7 +22,7 @@ from bayesdyn.inference.subnets import (
     structured_subnetworks,
     total_divergence,
 )
-from bayesdyn.models import DeepEnsemble, MemberGuide, StructuredEnsemble
+from bayesdyn.models import Budget, DeepEnsemble, MemberGuide, StructuredEnsemble
 from bayesdyn.nn.members import PlainSpec, StackedNet, extract, member_of, to_sequential
 
 MLP = PlainSpec((1, 4, 4), (6, 5), 3)
@@ -80,6 +80,11 @@ def test_deep_ensemble_vmap_equals_separate_networks():
         assert torch.allclose(ens.buffer__2__running_mean[m], net[2].running_mean, atol=1e-6)
     ens.eval()
     assert torch.allclose(ens.member_logits(x, 2)[1], nets[1].eval()(x), atol=1e-5)
+    stacked = StackedNet(MLP, 3).eval()  # the batched-matmul engine, the same interface
+    fast = DeepEnsemble(stacked)
+    assert torch.allclose(fast.member_logits(x, 2), stacked(x)[:2])
+    assert sum(p.numel() for p in fast.budget_module(Budget("1", 1)).parameters()) == \
+        sum(p.numel() for p in to_sequential(stacked, 0).parameters())
 
 
 # --- mask stage -----------------------------------------------------------------------------------
@@ -350,3 +355,44 @@ def test_fit_runs_the_mask_stage_and_a_resumed_fit_trains_the_found_structure(tm
     moved = [not torch.equal(v, after_one[k]) for k, v in resumed.state_dict().items()
              if k.endswith("weight") and v.dtype.is_floating_point]
     assert any(moved)  # the optimiser holds the rebuilt members' parameters
+
+
+def test_reparameterised_masks_and_reinitialised_extraction():
+    torch.manual_seed(0)
+    x, y = toy_data(40)
+    search = MaskSearch(StackedNet(MLP, 1), 2, parametrisation="normal")
+    a, b = search.scales(), search.scales()
+    assert not torch.equal(a[0], b[0])  # s = mu + sigma eps, a new eps per call
+    assert all(torch.equal(s, mu) for s, mu in zip(search.scales(sample=False), search.loc,
+                                                   strict=True))
+    loss, _ = search.fast_loss(search.default_guide(), x, y, 40)
+    loss.backward()
+    assert search.log_scale[0].grad.abs().sum() > 0  # sigma is trained through the samples
+    assert search.net.weights[0].grad is None  # W0 stays frozen
+    base = StackedNet(MLP, 1)
+    copied, report = structured_subnetworks(base, x, y, members=2, mask_epochs=0, q=0.5)
+    expected = base.weights[0][0][report["kept"][0][0]]
+    assert torch.equal(copied[0].weights[0][0], expected)
+    fresh, report = structured_subnetworks(base, x, y, members=2, mask_epochs=0, q=0.5,
+                                           reinit=True)
+    assert not torch.equal(fresh[0].weights[0][0], base.weights[0][0][report["kept"][0][0]])
+    with pytest.raises(ValueError, match="parametrisation"):
+        MaskSearch(base, 2, parametrisation="beta")
+
+
+def test_importances_use_batch_statistics_not_the_running_ones():
+    """The official code ran the importance pass with freshly reset running statistics in eval
+    mode (methods.md §5.7 bug 4); here BatchNorm normalises with each batch's statistics, so the
+    running averages (and the module's mode) do not matter and are left untouched."""
+    torch.manual_seed(0)
+    search = MaskSearch(StackedNet(MLP, 1), 2)
+    x, y = toy_data(40)
+    first = channel_importance(search, x, y, batch_size=20)
+    with torch.no_grad():
+        for norm in search.net.norms:
+            norm.running_mean.normal_(0, 3), norm.running_var.uniform_(0.1, 5)
+    search.net.eval()
+    running = search.net.norms[0].running_mean.clone()
+    again = channel_importance(search, x, y, batch_size=20)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(first, again, strict=True))
+    assert torch.equal(search.net.norms[0].running_mean, running) and not search.net.training

@@ -267,7 +267,7 @@ def format_table(results: list[dict], max_budgets: int = 6) -> str:
     regression = all(r.get("task") == "regression" for r in results)
     columns = (("rmse", "RMSE"), ("nll", "NLL"), ("nll_gaussian", "NLL Gauss")) if regression \
         else (("accuracy", "acc"), ("nll", "NLL"), ("ece", "ECE"), ("ood_auroc", "OOD AUROC"))
-    head = f"{'method':<14} {'budget':<10} {'kFLOPs':>9} " + " ".join(f"{t:>10}" for _, t in columns)
+    head = f"{'method':<19} {'budget':<10} {'kFLOPs':>9} " + " ".join(f"{t:>10}" for _, t in columns)
     lines = [head, "-" * len(head)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in results:
@@ -278,7 +278,7 @@ def format_table(results: list[dict], max_budgets: int = 6) -> str:
         rows = [("marginal", r["marginal"])] if len(r["budgets"]) > 1 else []
         rows += [(b["budget"], b) for b in budgets]
         for name, m in rows:
-            lines.append(f"{r['method']:<14} {name:<10} {m['flops'] / 1e3:>9.1f} "
+            lines.append(f"{r['method']:<19} {name:<10} {m['flops'] / 1e3:>9.1f} "
                          + " ".join(f"{fmt(m.get(key)):>10}" for key, _ in columns))
     return "\n".join(lines)
 

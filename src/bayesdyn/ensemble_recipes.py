@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 
-from .nn.members import PlainSpec, StackedNet, to_sequential
+from .nn.members import PlainSpec, StackedNet
 from .validation import check_int, check_real
 
 ENSEMBLE_ARCHS = ("auto", "mlp", "conv")
@@ -62,8 +62,9 @@ def build_ensemble(recipe, input_shape, num_classes: int | None):
         raise ValueError(f"method {recipe.method!r} is for classification")
     spec = plain_spec(recipe, input_shape, num_classes)
     if recipe.method == "ensemble":
-        nets = [to_sequential(StackedNet(spec, 1)) for _ in range(recipe.members)]
-        model = DeepEnsemble(nets, input_shape=input_shape, combine=recipe.combine)
+        # batched matmul / grouped conv: never slower than vmap in benchmarks/RESULTS.md
+        model = DeepEnsemble(StackedNet(spec, recipe.members), input_shape=input_shape,
+                             combine=recipe.combine)
     else:
         model = StructuredEnsemble.untrained(
             StackedNet(spec, 1), recipe.members, q=recipe.prune, scope=recipe.prune_scope,

@@ -262,13 +262,24 @@ class DeepEnsemble(MemberEnsemble):
 
     Args:
         nets: the members (equal architectures), or one network and ``members``: its copies
-            re-initialised with ``reset_parameters``.
+            re-initialised with ``reset_parameters``; or a ``StackedNet`` of ``M`` members,
+            which runs them with batched matmuls and grouped convolutions instead of ``vmap``
+            (faster on the CPU, see benchmarks/RESULTS.md).
         members: ``M`` when ``nets`` is one network.
         num_classes, input_shape, combine: as ``StructuredEnsemble``.
     """
 
     def __init__(self, nets, members: int | None = None, num_classes: int | None = None,
                  input_shape=None, combine: str = "probs"):
+        if isinstance(nets, StackedNet):
+            spec = nets.spec
+            if num_classes not in (None, spec.num_classes):
+                raise ValueError(f"the members have {spec.num_classes} outputs, not {num_classes}")
+            super().__init__(nets.members, spec.num_classes, input_shape or spec.input_shape,
+                             combine)
+            self.stack = nets
+            return
+        self.stack = None
         if isinstance(nets, nn.Module):
             if not isinstance(members, int) or members < 1:
                 raise ValueError("pass members (an integer >= 1) with a single network")
@@ -295,6 +306,8 @@ class DeepEnsemble(MemberEnsemble):
 
     def member_logits(self, x, k=None):
         k = self.num_members if k is None else k
+        if self.stack is not None:
+            return self.stack(x, members=k)
         params, buffers = self._state(k)
         skeleton = self._skeleton[0]
         skeleton.train(self.training)
@@ -305,6 +318,8 @@ class DeepEnsemble(MemberEnsemble):
         return vmap(one, in_dims=(0, 0, None))(params, buffers, x)
 
     def member_modules(self, k):
+        if self.stack is not None:
+            return [member_of(self.stack, m) for m in range(k)]
         out = []
         for m in range(k):
             net = copy.deepcopy(self._skeleton[0]).to_empty(device=self.structure_device())
@@ -316,7 +331,7 @@ class DeepEnsemble(MemberEnsemble):
 
     def structure_device(self) -> torch.device:
         """The device of the stacked parameters."""
-        return next(iter(self.stacked.values())).device
+        return next(self.parameters()).device
 
 
 class _Unsqueezed(nn.Module):
