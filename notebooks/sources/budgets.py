@@ -2,7 +2,8 @@
 # # One budget interface: "I have X MFLOPs per image — which model, which budget?"
 #
 # Every bayesdyn family is a network whose structure is a random variable: how deep (depth),
-# how wide (nested), where to stop (exits). Each family therefore offers *several predictors*
+# how wide (nested), where to stop (exits), which sub-networks of an ensemble to run
+# (ensemble). Each family therefore offers *several predictors*
 # from one trained model, one per **budget**, and each budget has a measured cost. The calls are
 # the same for every family:
 #
@@ -44,11 +45,13 @@ print(data.name, "train / val / test:", len(data.train), len(data.val), len(data
 #
 # `recipes.build` makes the same networks as the `bayesdyn` command line: fully connected
 # backbones here, so that it runs on a laptop. Each family gets its own guide (a categorical
-# q(depth), an ordering posterior per layer, or nothing to infer for the exit networks, whose
-# structure is chosen at prediction time), and `fit` trains every one with the same loop.
+# q(depth), an ordering posterior per layer, or nothing to infer for the exit networks and the
+# ensemble members, whose structure is chosen at prediction time), and `fit` trains every one
+# with the same loop. For the structured ensemble, `fit` first runs the mask stage that cuts
+# three small members out of one untrained network.
 
 # %%
-FAMILIES = ["deterministic", "depth", "nested", "exits", "boosted-exits"]
+FAMILIES = ["deterministic", "depth", "nested", "exits", "boosted-exits", "structured-ensemble"]
 trained = {}
 for method in FAMILIES:
     torch.manual_seed(0)
@@ -73,9 +76,9 @@ for method, (model, guide) in trained.items():
                      "accuracy": accuracy(pred.mean, y_test),
                      "nll": nll(pred.mean, y_test), "ece": ece(pred.mean, y_test)})
 
-print(f"{'family':<14} {'budget':<12} {'kFLOPs':>9} {'params':>8} {'acc':>7} {'NLL':>7} {'ECE':>7}")
+print(f"{'family':<20} {'budget':<12} {'kFLOPs':>9} {'params':>8} {'acc':>7} {'NLL':>7} {'ECE':>7}")
 for r in rows:
-    print(f"{r['family']:<14} {r['budget']:<12} {r['flops'] / 1e3:>9.1f} {r['params']:>8} "
+    print(f"{r['family']:<20} {r['budget']:<12} {r['flops'] / 1e3:>9.1f} {r['params']:>8} "
           f"{r['accuracy']:>7.4f} {r['nll']:>7.4f} {r['ece']:>7.4f}")
 
 # %% [markdown]
@@ -148,14 +151,15 @@ for level in (5, 20, 35):
 # ## The structure posteriors side by side
 #
 # What each family learned about its own structure: q(depth) for the depth network, q(number of
-# unit groups kept) for each layer of the nested network (against its prior), and where inputs
-# leave the boosted exit network under the middle threshold policy.
+# unit groups kept) for each layer of the nested network (against its prior), where inputs
+# leave the boosted exit network under the middle threshold policy, and how many units of each
+# layer every member of the structured ensemble kept.
 
 # %%
 depth_post = trained["depth"][0].structure_posterior(trained["depth"][1])
 nested_post = trained["nested"][0].structure_posterior(trained["nested"][1])
 layers = [k for k in nested_post if not k.endswith(" prior")]
-fig, axes = plt.subplots(1, 2 + len(layers), figsize=(4 * (2 + len(layers)), 3.2))
+fig, axes = plt.subplots(1, 3 + len(layers), figsize=(4 * (3 + len(layers)), 3.2))
 axes[0].bar(range(len(depth_post["depth"])), depth_post["depth"].tolist(), label="q(d)")
 axes[0].plot(depth_post["depth prior"].tolist(), "k.", label="prior")
 axes[0].set(title="depth: q(d)", xlabel="depth d")
@@ -164,8 +168,15 @@ for ax, name in zip(axes[1:], layers, strict=False):
     ax.plot(nested_post[f"{name} prior"].tolist(), "k.", label="prior")
     ax.set(title=f"nested: {name}", xlabel="unit groups kept")
 out = predict_early_exit(model, x_test, fit_thresholds(model, x_val, level=20))
-axes[-1].bar(range(1, len(exit_costs) + 1), out.exit_fractions())
-axes[-1].set(title="boosted exits: where inputs leave", xlabel="exit")
+axes[-2].bar(range(1, len(exit_costs) + 1), out.exit_fractions())
+axes[-2].set(title="boosted exits: where inputs leave", xlabel="exit")
+ensemble = trained["structured-ensemble"][0]
+for row in ensemble.structure.tolist():  # one row per group of equal-width members
+    members, widths = row[0], row[1:]
+    axes[-1].plot(range(1, len(widths) + 1), widths, "o-", label=f"{members} member(s)")
+axes[-1].axhline(WIDTH, color="k", ls=":", label="unpruned")
+axes[-1].set(title="structured ensemble: units kept", xlabel="layer", ylim=(0, WIDTH * 1.1))
+axes[-1].legend(fontsize=7)
 axes[0].legend()
 plt.tight_layout()
 plt.show()
