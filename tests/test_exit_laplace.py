@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayesdyn.inference import link
-from bayesdyn.inference.laplace import HeadLaplace
+from bayesdyn.inference.lastlayer import HeadLaplace
 
 laplace_torch = pytest.importorskip("laplace", reason="laplace-torch is the dev extra's reference")
 

@@ -272,3 +272,30 @@ class HeadLaplace(nn.Module):
         if self.has_bias:
             out.append(self.vec_out @ (eps[..., dw:] / (self.eig_out + delta).sqrt()[:, None]))
         return self.mean + torch.cat(out, -1)
+
+    def log_density(self, value: torch.Tensor) -> torch.Tensor:
+        """``log N(value; mean, P^{-1})`` of weights ``[..., C, D(+1)]`` -> ``[...]``."""
+        diff = value - self.mean
+        delta = self.prior_precision
+        if self.structure == "diag":
+            prec = self.ggn_diag + delta
+            quad = (diff * diff * prec).sum((-2, -1))
+        elif self.structure == "full":
+            flat = diff.flatten(-2)
+            prec = self.ggn + delta * torch.eye(flat.shape[-1], dtype=flat.dtype)
+            quad = torch.einsum("...i,ij,...j->...", flat, prec, flat)
+        elif self.structure == "kron-paper":
+            root = delta.sqrt()
+            z = self.vec_out.T @ diff @ self.vec_in
+            quad = (z * z * torch.outer(self.eig_out + root, self.eig_in + root)).sum((-2, -1))
+        else:
+            dw = self.eig_in.numel()
+            z = self.vec_out.T @ diff[..., :dw] @ self.vec_in
+            quad = (z * z * (torch.outer(self.eig_out, self.eig_in) + delta)).sum((-2, -1))
+            if self.has_bias:
+                zb = self.vec_out.T @ diff[..., dw:]
+                quad = quad + (zb[..., 0] ** 2 * (self.eig_out + delta)).sum(-1)
+        log_det = self._precision_eigenvalues(delta).log().sum() if self.structure != "full" \
+            else torch.linalg.slogdet(self.ggn + delta * torch.eye(self.ggn.shape[0],
+                                                                   dtype=self.ggn.dtype))[1]
+        return 0.5 * (log_det - quad - self.mean.numel() * math.log(2 * math.pi))
