@@ -10,6 +10,10 @@ __all__ = ["FitConfig", "History", "NormalMixture", "Prediction", "TrainingDiver
            "check_inputs", "fit", "load_checkpoint", "loo", "predict", "predict_normal", "resolve_device",
            "to_datatree"]
 __all__ += ["EarlyExitPrediction", "exit_confidences", "fit_thresholds", "predict_early_exit"]
+from .exit_laplace import ExitCalibration, calibrate_variants, laplace  # noqa: E402
+from .lastlayer import HeadLaplace  # noqa: E402
+
+__all__ += ["ExitCalibration", "HeadLaplace", "calibrate_variants", "laplace"]
 
 
 def __getattr__(name):  # ArviZ is imported only when the export is used

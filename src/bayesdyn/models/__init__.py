@@ -9,3 +9,6 @@ from .nested import NestedNet
 __all__ = ["Budget", "DepthNet", "DeterministicNet", "DynamicModel", "NestedNet", "PredictiveSamples",
            "depth_prior"]
 __all__ += ["BoostedExits", "MultiExitNet"]
+from .bayesian_exits import BayesianExits  # noqa: E402
+
+__all__ += ["BayesianExits"]
