@@ -177,3 +177,22 @@ def test_bad_options_raise_before_work():
     with pytest.raises(ValueError, match="prior_precision"):
         BayesianExits(net, prior_precision=-1.0)
     assert math.isfinite(float(mie_weights(net, (5,))[0]))
+
+
+@pytest.mark.slow
+def test_cli_calibrate_writes_five_predictives_side_by_side(tmp_path, capsys):
+    import json
+
+    from bayesdyn.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "exits", "--dataset", "digits", "--epochs", "1", "--out", str(run),
+                 "--ood", "none", "--no-progress"]) == 0
+    assert main(["calibrate", str(run), "--laplace", "block"]) == 2
+    assert "--laplace must be one of" in capsys.readouterr().err
+    assert main(["calibrate", str(run), "--laplace", "diag", "--mie"]) == 0
+    metrics = json.loads((run / "calibration" / "metrics.json").read_text())
+    assert list(metrics["variants"]) == ["vanilla", "temperature", "mie", "laplace", "laplace+mie"]
+    assert all(len(v["budgeted_batch"]) == 39 for v in metrics["variants"].values())
+    assert (run / "calibration" / "plots" / "ece_vs_flops.png").is_file()
+    assert "laplace+mie" in capsys.readouterr().out
