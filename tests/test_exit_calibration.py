@@ -13,6 +13,7 @@ from torch import nn
 from bayesdyn.data.datasets import DataSplits
 from bayesdyn.evaluation import evaluate
 from bayesdyn.guides.exit_heads import ExitHeadsGuide
+from bayesdyn.inference import to_datatree
 from bayesdyn.inference.exit_laplace import (
     ExitCalibration,
     calibrate_variants,
@@ -140,6 +141,8 @@ def test_laplace_guide_works_with_predictive_and_evaluate():
     model = BayesianExits(net)
     out = Predictive(model, guide=cal, num_samples=3)(data.test.tensors[0][:4])
     assert out[head_site(0)].shape[-2:] == (3, 6) and out["probs"].shape == (3, 4, 3)
+    tree = to_datatree(model, cal, *(t[:10] for t in data.train.tensors), num_samples=4)
+    assert tree["log_likelihood"]["y"].shape == (1, 4, 10)
     metrics = evaluate(model, cal, data, ood=None)
     assert len(metrics["budgets"]) == 3 and len(metrics["budgeted_batch"]) == 39
     probs = model.predict_probs(cal, data.test.tensors[0], model.budgets()[1]).mean()

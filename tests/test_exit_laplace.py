@@ -127,3 +127,39 @@ def test_bad_input_raises_before_work():
         HeadLaplace.fit(head, torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="link"):
         link.predictive(torch.zeros(1, 2), torch.ones(1, 2), "softmax")
+
+
+def test_paper_variant_is_ema_of_sampled_fisher_with_sqrt_n_and_sqrt_prior(float64):
+    """kron-paper on two minibatches, by hand: one sampled label per input, factors averaged
+    per batch, EMA weights rho_0 = 0 and rho_1 = 1/2, each factor times sqrt(N), sqrt(delta)
+    added to each."""
+    head, phi, y = trained_head(n=40, d=3, c=3)
+    mine = HeadLaplace.fit(head, phi, y, "kron-paper", batch_size=20,
+                           generator=torch.Generator().manual_seed(5))
+    mine.prior_precision.fill_(2.0)
+    g = torch.Generator().manual_seed(5)
+    phit = torch.cat([phi, torch.ones(40, 1)], 1)
+    outs, ins = [], []
+    for part in (slice(0, 20), slice(20, 40)):
+        p = torch.softmax(phit[part] @ mine.mean.T, -1)
+        grad = p - torch.nn.functional.one_hot(torch.multinomial(p, 1, generator=g)[:, 0], 3)
+        outs.append(grad.T @ grad / 20)
+        ins.append(phit[part].T @ phit[part] / 20)
+    u = (0.5 * outs[0] + 0.5 * outs[1]) * 40 ** 0.5 + 2.0 ** 0.5 * torch.eye(3)
+    v = (0.5 * ins[0] + 0.5 * ins[1]) * 40 ** 0.5 + 2.0 ** 0.5 * torch.eye(4)
+    folded = torch.kron(u, v)
+    order = torch.cat([torch.arange(12).view(3, 4)[:, :3].flatten(), torch.arange(12).view(3, 4)[:, 3]])
+    assert torch.allclose(mine.posterior_precision(), folded[order][:, order], rtol=1e-10)
+
+
+def test_mc_draws_fresh_noise_per_input_by_default(float64):
+    mu, cov = torch.zeros(2, 3), torch.eye(3).expand(2, 3, 3)
+    fresh = link.logit_samples(mu, cov, 5, generator=torch.Generator().manual_seed(0))
+    shared = link.logit_samples(mu, cov, 5, shared_noise=True,
+                                generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(fresh[:, 0], fresh[:, 1]) and torch.allclose(shared[:, 0], shared[:, 1])
+    mu = torch.randn(2, 3)  # both estimate E[softmax(f)]: equal for many draws
+    a = link.mc(mu, cov * 2, 100000, generator=torch.Generator().manual_seed(1))
+    b = link.mc(mu, cov * 2, 100000, shared_noise=True, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(a, b, atol=0.005) and not torch.allclose(a, link.probit(mu, cov * 2),
+                                                                   atol=0.005)
