@@ -199,3 +199,22 @@ def test_cli_calibrate_writes_five_predictives_side_by_side(tmp_path, capsys):
     assert all(len(v["budgeted_batch"]) == 39 for v in metrics["variants"].values())
     assert (run / "calibration" / "plots" / "ece_vs_flops.png").is_file()
     assert "laplace+mie" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cls", [MultiExitNet, BoostedExits])
+def test_early_exit_with_the_calibrated_predictive_matches_budgeted_batch(cls):
+    """predict_early_exit with an ExitCalibration (LA + MIE) takes, for every input, the exit
+    and the probabilities the calibrated predictive of all exits gives."""
+    from bayesdyn.evaluation import apply_thresholds
+    from bayesdyn.inference import exit_confidences, fit_thresholds, predict_early_exit
+
+    data = toy_data()
+    net = net_of(cls, data)
+    cal = laplace(net, data, "kron", mie=True)
+    thresholds = fit_thresholds(net, data.val.tensors[0], level=15, calibration=cal)
+    x = data.test.tensors[0]
+    early = predict_early_exit(net, x, thresholds, calibration=cal)
+    expected = apply_thresholds(exit_confidences(net, x, calibration=cal), thresholds)
+    assert torch.equal(early.exit_index, expected) and len(set(expected.tolist())) > 1
+    all_probs = cal.probs(exit_features(net, x)).mean(1)
+    assert torch.allclose(early.probs, all_probs[expected, torch.arange(len(x))].float(), atol=1e-6)
