@@ -218,3 +218,24 @@ def test_early_exit_with_the_calibrated_predictive_matches_budgeted_batch(cls):
     assert torch.equal(early.exit_index, expected) and len(set(expected.tolist())) > 1
     all_probs = cal.probs(exit_features(net, x)).mean(1)
     assert torch.allclose(early.probs, all_probs[expected, torch.arange(len(x))].float(), atol=1e-6)
+
+
+def test_pyro_autoguides_work_on_the_head_sites():
+    from pyro.infer.autoguide import AutoNormal
+
+    from bayesdyn.guides import init_to_network
+
+    data = toy_data()
+    model = BayesianExits(net_of(MultiExitNet, data))
+    guide = AutoNormal(model, init_loc_fn=init_to_network(model), init_scale=1e-3)
+    pyro.clear_param_store()
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    x, y = data.train.tensors
+    before = svi.evaluate_loss(x, y)
+    for _ in range(20):
+        svi.step(x, y)
+    assert svi.evaluate_loss(x, y) < before
+    probs = model.predict_probs(guide, data.test.tensors[0][:5], model.budgets()[1], num_samples=4)
+    assert probs.probs.shape == (4, 5, 3)
+    start = guide.median()[head_site(0)]  # started at the trained head, bias last
+    assert start.shape == (3, 6)
