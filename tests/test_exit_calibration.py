@@ -15,6 +15,8 @@ from bayesdyn.evaluation import evaluate
 from bayesdyn.guides.exit_heads import ExitHeadsGuide
 from bayesdyn.inference import to_datatree
 from bayesdyn.inference.exit_laplace import (
+    PAPER_PRIOR_VARIANCES,
+    PAPER_TEMPERATURES,
     ExitCalibration,
     calibrate_variants,
     ensemble,
@@ -239,3 +241,16 @@ def test_pyro_autoguides_work_on_the_head_sites():
     assert probs.probs.shape == (4, 5, 3)
     start = guide.median()[head_site(0)]  # started at the trained head, bias last
     assert start.shape == (3, 6)
+
+
+def test_paper_recipe_mc_link_on_a_float32_network():
+    """The WACV recipe end to end: kron-paper, grids for prior and temperature, MC link with
+    noise shared across inputs, in float32."""
+    data = toy_data()
+    net = net_of(BoostedExits, data)
+    cal = laplace(net, data, "kron-paper", prior="grid", temperature="grid", link="mc",
+                  num_samples=8, shared_noise=True)
+    assert set(cal.temperature.tolist()) <= set(PAPER_TEMPERATURES)
+    assert {round(1 / float(h.prior_precision), 6) for h in cal.heads} <= set(PAPER_PRIOR_VARIANCES)
+    probs = cal.probs(exit_features(net, data.test.tensors[0]))
+    assert probs.shape == (3, 8, 120, 3) and torch.allclose(probs.sum(-1), torch.ones(()).double())

@@ -135,7 +135,8 @@ class ExitCalibration(nn.Module):
         for i in range(k + 1):
             coef = float(self.combination[k, i])
             if coef != 0.0:
-                cov = cov + coef ** 2 * self.heads[i].logit_moments(feats.features[i], full_cov)[1]
+                head_cov = self.heads[i].logit_moments(feats.features[i], full_cov)[1]
+                cov = cov + coef ** 2 * head_cov.double()
         return mu, cov
 
     def exit_probs(self, mu, cov, temperature, noise=None) -> torch.Tensor:
