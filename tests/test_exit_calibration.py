@@ -234,7 +234,7 @@ def test_pyro_autoguides_work_on_the_head_sites():
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
     x, y = data.train.tensors
     before = svi.evaluate_loss(x, y)
-    for _ in range(20):
+    for _ in range(8):
         svi.step(x, y)
     assert svi.evaluate_loss(x, y) < before
     probs = model.predict_probs(guide, data.test.tensors[0][:5], model.budgets()[1], num_samples=4)

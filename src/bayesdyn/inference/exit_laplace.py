@@ -230,8 +230,8 @@ def tune(calibration: ExitCalibration, val: ExitFeatures, y_val: torch.Tensor,
             noise = torch.randn(shape, dtype=torch.float64, generator=generator,
                                 device=val.logits.device)
 
-        def objective(t, k=k, noise=noise):
-            probs = calibration.exit_probs(*calibration.moments(val, k), t, noise)
+        def objective(t, moments, k=k, noise=noise):
+            probs = calibration.exit_probs(*moments, t, noise)
             if calibration.mie:
                 w = calibration.weights[: k + 1]
                 stack = [*done, probs.expand(calibration._draws, -1, -1)]
@@ -245,14 +245,16 @@ def tune(calibration: ExitCalibration, val: ExitFeatures, y_val: torch.Tensor,
         for delta in priors:
             if delta is not None:
                 calibration.heads[k].prior_precision.fill_(delta)
+            moments = calibration.moments(val, k)  # the temperature only rescales them
             if temperature == "grid":
-                t, value = min(((t, objective(t)) for t in PAPER_TEMPERATURES), key=lambda r: r[1])
+                t, value = min(((t, objective(t, moments)) for t in PAPER_TEMPERATURES),
+                               key=lambda r: r[1])
             elif temperature == "nll":
-                t = math.exp(_golden(lambda s: objective(math.exp(s)), math.log(0.01),
-                                     math.log(100.0)))
-                value = objective(t)
+                t = math.exp(_golden(lambda s, m=moments: objective(math.exp(s), m),
+                                     math.log(0.01), math.log(100.0)))
+                value = objective(t, moments)
             else:
-                t, value = 1.0, objective(1.0)
+                t, value = 1.0, objective(1.0, moments)
             if value < best[0]:
                 best = (value, delta, t)
         if best[1] is not None:
