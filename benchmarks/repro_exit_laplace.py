@@ -112,7 +112,7 @@ def main():
     data = subset(load(args.dataset), args.train_size).to(device)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    slug = args.families.replace(" ", "").replace(",", "_")
+    slug = args.families.replace(" ", "").replace(",", "_") + f"_{args.prior}" * (args.prior != "marglik")
     out = Path(__file__).with_name("results") / f"repro_exit_laplace_{args.dataset}_{slug}.json"
     out.parent.mkdir(exist_ok=True)
     runs = []
@@ -182,7 +182,7 @@ def record(args, device, data, runs):
                     for j in range(GRID_POINTS)) + " |")
             lines.append("")
         lines += claim_check(group)
-    slug = args.families.replace(" ", "").replace(",", "_")
+    slug = args.families.replace(" ", "").replace(",", "_") + f"_{args.prior}" * (args.prior != "marglik")
     lines.append(f"Raw per-run numbers: `benchmarks/results/repro_exit_laplace_{args.dataset}_{slug}.json`.")
     append_results(lines)
 
