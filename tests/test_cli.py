@@ -18,11 +18,11 @@ def test_import_and_version():
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "bayesdyn.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for command in ("train", "evaluate", "demo"):
+    for command in ("train", "evaluate", "calibrate", "demo"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "demo", "continual"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "calibrate", "demo", "continual"])
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -1,4 +1,4 @@
-"""The ``bayesdyn`` command: ``train``, ``evaluate``, ``demo``."""
+"""The ``bayesdyn`` command: ``train``, ``evaluate``, ``calibrate``, ``demo``."""
 
 from __future__ import annotations
 
@@ -173,6 +173,7 @@ def make_parser() -> argparse.ArgumentParser:
     cl.add_argument("--device", default="cpu")
     cl.add_argument("--out", default=None, help="default runs/continual-METHOD-DATASET-sSEED")
     cl.set_defaults(handler=cmd_continual)
+    add_calibrate_parser(sub)
 
     demo = sub.add_parser("demo", help="train every implemented family on digits (CPU, minutes) "
                                        "and print one comparison table")
@@ -242,6 +243,39 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate_run(Path(args.run_dir), ood=args.ood, num_samples=args.num_samples,
                            device=args.device)
     print(format_table([metrics]))
+    return 0
+
+
+def add_calibrate_parser(sub) -> None:
+    cal = sub.add_parser("calibrate", help="post-hoc Laplace / temperature / MIE on an exits run",
+                         description="Calibrate the exits of a trained exits or boosted-exits run: "
+                                     "vanilla, temperature scaling, last-layer Laplace on every "
+                                     "exit (--laplace), MIE (--mie) and LA+MIE side by side; "
+                                     "writes RUN/calibration/metrics.json and plots.")
+    cal.add_argument("run_dir", metavar="RUN")
+    cal.add_argument("--laplace", default="kron",
+                     help="structure of every head's Laplace: kron (K-FAC, default), diag, full, "
+                          "kron-paper (the WACV code's variant) or none")
+    cal.add_argument("--mie", action="store_true", help="add model-internal ensembling (MIE)")
+    cal.add_argument("--prior", default="marglik", choices=["marglik", "grid"],
+                     help="prior precision: exact marginal likelihood, or the paper's grid on "
+                          "validation NLL (jointly with a temperature grid)")
+    cal.add_argument("--link", default="probit", choices=["probit", "bridge", "mc"])
+    cal.add_argument("--num-samples", type=int, default=100, help="draws of the mc link")
+    cal.add_argument("--device", default="cpu")
+    cal.set_defaults(handler=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_run, format_calibration
+
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    laplace = None if args.laplace == "none" else args.laplace
+    metrics = calibrate_run(Path(args.run_dir), laplace=laplace, mie=args.mie, prior=args.prior,
+                            link=args.link, num_samples=args.num_samples, device=args.device)
+    print(format_calibration(metrics))
+    print(f"written: {Path(args.run_dir) / 'calibration'}")
     return 0
 
 

@@ -23,6 +23,11 @@ __all__ += ["EarlyExitPrediction", "exit_confidences", "fit_thresholds", "predic
 __all__ += ["ContinualSubnets", "MaskSearch", "channel_importance", "gaussian_mmd", "official_mmd",
             "prune", "run_continual", "split_tasks", "structured_subnetworks", "total_divergence"]
 
+from .exit_laplace import ExitCalibration, calibrate_variants, laplace  # noqa: E402
+from .lastlayer import HeadLaplace  # noqa: E402
+
+__all__ += ["ExitCalibration", "HeadLaplace", "calibrate_variants", "laplace"]
+
 
 def __getattr__(name):  # ArviZ is imported only when the export is used
     if name == "to_datatree":

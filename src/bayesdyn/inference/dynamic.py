@@ -41,23 +41,32 @@ def _check_model(model):
 
 
 @torch.no_grad()
-def exit_confidences(model, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-    """Top-1 confidences ``[K, N]`` of every exit's predictive (all exits, one pass per chunk)."""
+def exit_confidences(model, x: torch.Tensor, batch_size: int = 2048,
+                     calibration=None) -> torch.Tensor:
+    """Top-1 confidences ``[K, N]`` of every exit's predictive (all exits, one pass per chunk);
+    with ``calibration`` (an ``ExitCalibration``: Laplace / temperature / MIE) of its
+    predictive."""
     _check_model(model)
     device = next(model.parameters()).device
     chunks = []
     with _EvalMode(model):
         for xb in x.split(batch_size):
-            probs = torch.softmax(model.exit_logits(xb.to(device)), -1)
+            if calibration is None:
+                probs = torch.softmax(model.exit_logits(xb.to(device)), -1)
+            else:
+                from .exit_laplace import exit_features
+
+                probs = calibration.probs(exit_features(model, xb, len(xb))).mean(1)
             chunks.append(probs.max(-1).values.float().cpu())
     return torch.cat(chunks, 1)
 
 
 def fit_thresholds(model, x_val: torch.Tensor, level: int | None = None,
-                   levels: int = 39) -> torch.Tensor:
+                   levels: int = 39, calibration=None) -> torch.Tensor:
     """MSDNet's thresholds from validation inputs: ``[levels, K]`` for every budget level, or
-    ``[K]`` for one ``level`` in ``1..levels``."""
-    conf = exit_confidences(model, x_val)
+    ``[K]`` for one ``level`` in ``1..levels`` (confidences of ``calibration``'s predictive
+    when given)."""
+    conf = exit_confidences(model, x_val, calibration=calibration)
     if level is None:
         return thresholds_per_level(conf, levels)
     if not 1 <= level <= levels:
@@ -66,10 +75,13 @@ def fit_thresholds(model, x_val: torch.Tensor, level: int | None = None,
 
 
 @torch.no_grad()
-def predict_early_exit(model, x: torch.Tensor, thresholds: torch.Tensor) -> EarlyExitPrediction:
+def predict_early_exit(model, x: torch.Tensor, thresholds: torch.Tensor,
+                       calibration=None) -> EarlyExitPrediction:
     """Run ``x [N, ...]`` block by block; after exit ``k`` the inputs with confidence
     ``>= thresholds[k]`` leave with exit ``k``'s predictive and the others go on (the last exit
-    takes everyone left). Blocks and heads after an input's exit are never computed for it."""
+    takes everyone left). Blocks and heads after an input's exit are never computed for it.
+    ``calibration`` (an ``ExitCalibration``): its predictive (Laplace, temperature, MIE) gives
+    the confidences and the probabilities."""
     _check_model(model)
     backbone, combine = model.backbone, model.combine
     n_exits = backbone.num_exits
@@ -85,11 +97,11 @@ def predict_early_exit(model, x: torch.Tensor, thresholds: torch.Tensor) -> Earl
     running = torch.arange(n, device=device)
     with _EvalMode(model):
         state, _ = backbone.start(x)
-        previous = None
+        previous, seen = None, _Seen(calibration)
         for k in range(n_exits):
-            state, f, _ = backbone.step(state, k)
+            state, f, phi = backbone.step(state, k)
             logits = combine.step(previous, f, k)
-            p = torch.softmax(logits, -1)
+            p = seen.probs(k, logits, phi)
             if probs is None:
                 probs = p.new_empty(n, p.shape[-1])
             if k == n_exits - 1:
@@ -103,4 +115,35 @@ def predict_early_exit(model, x: torch.Tensor, thresholds: torch.Tensor) -> Earl
             if len(running) == 0:
                 break
             state, previous = select(state, stay), logits[stay]
+            seen.keep(stay)
     return EarlyExitPrediction(probs.cpu(), exit_index.cpu(), thresholds)
+
+
+class _Seen:
+    """What a calibrated predictive needs of the exits an input has passed (features and
+    logits of exits ``<= k``, the running MIE sum), for the inputs still running."""
+
+    def __init__(self, calibration):
+        self.calibration, self.features, self.logits, self.mie_sum = calibration, [], [], None
+
+    def probs(self, k, logits, phi):
+        if self.calibration is None:
+            return torch.softmax(logits, -1)
+        from .exit_laplace import ExitFeatures
+
+        cal = self.calibration
+        self.features.append(phi)
+        self.logits.append(logits)
+        feats = ExitFeatures(self.features, torch.stack(self.logits), None)
+        p = cal.exit_probs(*cal.moments(feats, k), cal.temperature[k]).mean(0)
+        if not cal.mie:
+            return p.to(logits.dtype)
+        w = cal.weights[k]
+        self.mie_sum = w * p if self.mie_sum is None else self.mie_sum + w * p
+        return (self.mie_sum / cal.weights[: k + 1].sum()).to(logits.dtype)
+
+    def keep(self, stay):
+        self.features = [f[stay] for f in self.features]
+        self.logits = [f[stay] for f in self.logits]
+        if self.mie_sum is not None:
+            self.mie_sum = self.mie_sum[stay]

@@ -11,3 +11,7 @@ __all__ = ["Budget", "DepthNet", "DeterministicNet", "DynamicModel", "NestedNet"
            "depth_prior"]
 __all__ += ["BoostedExits", "MultiExitNet"]
 __all__ += ["DeepEnsemble", "MemberGuide", "StructuredEnsemble"]
+
+from .bayesian_exits import BayesianExits  # noqa: E402
+
+__all__ += ["BayesianExits"]
