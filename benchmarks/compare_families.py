@@ -28,11 +28,21 @@ from common import append_results, header, mean_std, subset
 from bayesdyn import recipes
 from bayesdyn.data import default_ood, load
 from bayesdyn.evaluation import evaluate, measure, pareto_front, plots
-from bayesdyn.inference import fit, resolve_device
+from bayesdyn.inference import fit, laplace, resolve_device
+from bayesdyn.models import BayesianExits
 
 FAMILIES = ("deterministic", "depth", "nested", "nested-dropout", "exits", "boosted-exits",
             "structured-ensemble", "ensemble")
-POST_HOC: dict = {}  # name: (family it is fitted on, fn(model, guide, data) -> (model, guide))
+
+
+def laplace_mie(model, guide, data):
+    """Meronen et al.'s LA+MIE on a trained exit network: a K-FAC Laplace on every exit head
+    (evidence-maximising prior, temperature on validation NLL), exits ensembled by FLOPs."""
+    return BayesianExits(model), laplace(model, data, "kron", mie=True)
+
+
+# name: (family it is fitted on, fn(model, guide, data) -> (model, guide))
+POST_HOC = {"boosted-exits + LA+MIE": ("boosted-exits", laplace_mie)}
 METRICS = ("accuracy", "nll", "ece", "ood_auroc")
 RESULTS_DIR = Path(__file__).with_name("results")
 
