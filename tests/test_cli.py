@@ -55,3 +55,18 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "depth", "--dataset", "digits", "--device", "cuda",
                  "--out", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_trains_every_family_and_calibrates_the_exits(tmp_path, capsys):
+    """The README's first command, at one epoch: every built method in one table, then the
+    post-hoc calibration of the boosted exits."""
+    from bayesdyn import recipes
+
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    table, calibration = out.split("Bayesian last layers")
+    assert {line.split()[0] for line in table.splitlines()[2:] if line.strip()} == \
+        set(recipes.IMPLEMENTED)
+    assert all(name in calibration for name in ("vanilla", "temperature", "laplace+mie"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(recipes.IMPLEMENTED)

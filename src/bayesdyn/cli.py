@@ -289,9 +289,16 @@ def cmd_demo(args) -> int:
         results.append(train_run(recipe, dataset="digits", out=out, epochs=args.epochs,
                                  batch_size=64, lr=3e-3, device=args.device, seed=0,
                                  progress=False))
+    from .calibrate import calibrate_run, format_calibration
+
+    calibration = calibrate_run(Path(args.out) / "boosted-exits", laplace="kron", mie=True,
+                                device=args.device)
     print(format_table(results))
-    print(f"demo: {len(results)} methods trained on digits in {time.perf_counter() - started:.0f} s;"
-          f" run directories under {args.out}")
+    print("\nboosted-exits with Bayesian last layers, post hoc (`bayesdyn calibrate RUN`): last "
+          "exit and mean over the budgeted-batch levels")
+    print(format_calibration(calibration))
+    print(f"demo: {len(results)} methods trained on digits and the exits calibrated in "
+          f"{time.perf_counter() - started:.0f} s; run directories under {args.out}")
     return 0
 
 
