@@ -248,6 +248,7 @@ def test_joint_training_keeps_a_copy_of_the_best_weights(tmp_path):
                   lr=0.05, early_stopping=1, progress=False)
     assert "val_accuracy_member3" in history.epochs[-1]
     best = min(history.epochs, key=lambda e: e["val_nll"])
+    assert best["epoch"] < history.epochs[-1]["epoch"]  # the last weights are not the best
     from bayesdyn.inference import predict
 
     nll = -predict(ens, ens.default_guide(), xv).mean.gather(1, yv[:, None]).log().mean()
