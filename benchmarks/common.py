@@ -78,6 +78,20 @@ def synthetic_splits(n: int, input_shape, n_val: int = 8, classes: int = 10):
     return data, x, y
 
 
+def subset(data, n: int):
+    """``data`` with its training split cut to the first ``n`` examples of a fixed permutation
+    (the same for every run; ``n <= 0`` or more than there are: all of them)."""
+    from dataclasses import replace
+
+    from torch.utils.data import TensorDataset
+
+    if n <= 0 or n >= len(data.train):
+        return data
+    x, y = data.train.tensors
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+    return replace(data, train=TensorDataset(x[keep], y[keep]))
+
+
 def mean_std(values) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import append_results, header, mean_std
+from common import append_results, header, mean_std, subset
 from torch.utils.data import TensorDataset
 
 from bayesdyn.data import load
@@ -56,15 +56,6 @@ def build(args, data, variant):
         return MultiExitNet(net, data.num_classes, input_shape=data.input_shape)
     return BoostedExits(net, data.num_classes, gamma=args.gamma, stop_gradient=stop_gradient,
                         input_shape=data.input_shape)
-
-
-def subset(data, n: int):
-    """The first ``n`` training examples of a fixed permutation (the same for every run)."""
-    if n <= 0 or n >= len(data.train):
-        return data
-    x, y = data.train.tensors
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
-    return replace(data, train=TensorDataset(x[keep], y[keep]))
 
 
 def run_one(args, data, variant, seed, device) -> dict:

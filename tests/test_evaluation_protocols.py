@@ -10,6 +10,7 @@ from bayesdyn.evaluation import (
     exit_proportions,
     forward_flops,
     parameter_count,
+    pareto_front,
     select_thresholds,
 )
 from bayesdyn.inference.predict import Prediction
@@ -105,3 +106,40 @@ def test_cost_is_that_of_the_predictive_that_produced_the_metrics():
     for draws in (3, 8, 11):
         expected = sum(per_draw[settings[s % len(settings)]] for s in range(draws))
         assert marginal_cost(model, (1, 8, 8), guide, num_samples=draws)[0] == expected
+
+
+def test_a_deterministic_fixed_width_is_one_pass_whatever_the_samples():
+    """Nested dropout at a fixed width has no weight noise: 8 draws would be 8 equal passes."""
+    from bayesdyn.evaluation import marginal_cost, measure
+    from bayesdyn.models import NestedNet
+    from bayesdyn.nn import nested_mlp
+
+    torch.manual_seed(0)
+    model = NestedNet(nested_mlp(64, 10, (32, 32), groups=8, bayesian=False,
+                                 input_shape=(1, 8, 8)), 10, input_shape=(1, 8, 8))
+    guide = model.default_guide()
+    one, eight = (measure(model, (1, 8, 8), guide, num_samples=s) for s in (1, 8))
+    assert [b.flops for b in one] == [b.flops for b in eight]
+    budget, x = one[-1], torch.randn(5, 1, 8, 8)
+    assert model.predict_probs(guide, x, budget, num_samples=8).probs.shape[0] == 1
+    # the marginal still averages orderings drawn from the prior: it pays per draw
+    assert marginal_cost(model, (1, 8, 8), guide, 8)[0] > marginal_cost(model, (1, 8, 8), guide, 1)[0]
+
+
+def test_pareto_front_by_hand_and_against_its_definition():
+    rows = [{"name": "a", "flops": 1, "accuracy": 0.5, "nll": 1.0},
+            {"name": "b", "flops": 2, "accuracy": 0.4, "nll": 0.9},  # dearer and worse than a
+            {"name": "c", "flops": 2, "accuracy": 0.7, "nll": 1.2},
+            {"name": "d", "flops": 3, "accuracy": 0.7, "nll": 0.8},  # ties c, costs more
+            {"name": "e", "flops": 4, "accuracy": 0.9, "nll": float("nan")}]
+    assert [r["name"] for r in pareto_front(rows)] == ["a", "c", "e"]
+    assert [r["name"] for r in pareto_front(rows, "nll")] == ["a", "b", "d"]  # lower is better
+    g = torch.Generator().manual_seed(0)
+    flops, acc = torch.randint(0, 20, (200,), generator=g), torch.rand(200, generator=g)
+    points = [{"flops": int(f), "accuracy": float(a)} for f, a in zip(flops, acc, strict=True)]
+    front = pareto_front(points)
+    dominated = lambda p: any(q["flops"] <= p["flops"] and q["accuracy"] >= p["accuracy"]  # noqa: E731
+                              and (q["flops"], q["accuracy"]) != (p["flops"], p["accuracy"])
+                              for q in points)
+    assert {(p["flops"], p["accuracy"]) for p in front} == \
+        {(p["flops"], p["accuracy"]) for p in points if not dominated(p)}

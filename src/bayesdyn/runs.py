@@ -48,11 +48,6 @@ def train_run(recipe: recipes.Recipe, dataset: str, out, *, data_root=None, down
     data = load(dataset, root=data_root, download=download, seed=SPLIT_SEED)
     torch.manual_seed(seed)  # initial weights depend on the seed only
     model, guide = recipes.build(recipe, data.input_shape, data.num_classes)
-    prepare = getattr(model, "prepare_training", None)  # structured ensembles: the mask stage
-    if prepare is not None and resume:  # the structure found before (the optimiser needs it)
-        model.load_state_dict(load_checkpoint(out / CHECKPOINT)["model"])
-    elif prepare is not None:
-        prepare(data.train, device, seed)
     world = World()  # under torchrun: every process trains, one writes and evaluates
     if world.main:
         write_json(out / "config.json", config)

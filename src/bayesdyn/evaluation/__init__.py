@@ -21,6 +21,7 @@ from .protocols import (
                         budgeted_batch,
                         exit_proportions,
                         flat_curve,
+                        pareto_front,
                         select_thresholds,
                         thresholds_per_level,
 )
@@ -30,4 +31,4 @@ __all__ = ["SCORES", "accuracy", "apply_thresholds", "brier", "budgeted_batch",
            "forward_flops", "marginal_cost", "measure", "mixture_moments", "nll", "ood_metrics",
            "parameter_count", "plots", "prediction_flops", "regression_metrics", "reliability",
            "select_thresholds", "uncertainty"]
-__all__ += ["flat_curve", "thresholds_per_level"]
+__all__ += ["flat_curve", "pareto_front", "thresholds_per_level"]

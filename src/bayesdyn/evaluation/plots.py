@@ -47,22 +47,30 @@ def reliability_diagram(probs, labels, n_bins: int = 15, title: str = "", path=N
 
 
 def metric_vs_flops(curves: dict, metric: str = "accuracy", title: str = "", path=None,
-                    marginal: dict | None = None):
+                    marginal: dict | None = None, front: list | None = None, ax=None,
+                    styles: dict | None = None):
     """``curves = {label: [{"flops": f, metric: v}, ...]}``: one line per method/protocol.
-    ``marginal = {label: {"flops": f, metric: v}}`` adds single points (e.g. marginalised model)."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ``marginal = {label: {"flops": f, metric: v}}`` adds single points (e.g. marginalised model);
+    ``front`` (rows of ``pareto_front``) is drawn as a black staircase. With ``ax`` the plot goes
+    into that axes (a panel of a larger figure) and nothing is saved; ``styles`` maps a label
+    to matplotlib keyword arguments (colour, line style) for its curve."""
+    own = ax is None
+    fig, ax = plt.subplots(figsize=(5.5, 4)) if own else (ax.figure, ax)
     for label, rows in curves.items():
         rows = sorted(rows, key=lambda r: r["flops"])
-        ax.plot([r["flops"] / 1e6 for r in rows], [r[metric] for r in rows], "o-", ms=3,
-                label=label)
+        style = {"marker": "o", "ms": 3, **(styles or {}).get(label, {})}
+        ax.plot([r["flops"] / 1e6 for r in rows], [r[metric] for r in rows], label=label, **style)
     for label, row in (marginal or {}).items():
         ax.plot([row["flops"] / 1e6], [row[metric]], "*", ms=12, label=label)
+    if front:
+        ax.step([r["flops"] / 1e6 for r in front], [r[metric] for r in front], "k-", where="post",
+                lw=2, alpha=0.6, label="Pareto front", zorder=0)
     ax.set_xlabel("forward MFLOPs per example")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"{metric} vs FLOPs")
-    return _save(fig, path)
+    return _save(fig, path) if own else fig
 
 
 def ood_histogram(score_in, score_out, score_name: str = "predictive entropy",

@@ -123,3 +123,25 @@ def flat_curve(rows: list[dict]) -> list[dict]:
         carried = {k: v for k, v in best.items() if k not in ("level", "flops", "exit_fractions")}
         out.append({**row, **carried, "flat": True})
     return out
+
+
+def pareto_front(rows: list[dict], metric: str = "accuracy", higher_is_better: bool | None = None):
+    """The rows no other row beats on both cost and ``metric``, sorted by FLOPs.
+
+    A row is kept when every cheaper-or-equal row is strictly worse on ``metric``: the answer to
+    "which predictor is best for at most X FLOPs" is the last kept row with ``flops <= X``.
+    ``higher_is_better`` defaults to True for accuracy and OOD AUROC, False otherwise (NLL, ECE,
+    Brier, RMSE). Rows whose metric is missing or not finite are ignored.
+    """
+    if higher_is_better is None:
+        higher_is_better = metric in ("accuracy", "ood_auroc", "ood_aupr")
+    sign = 1.0 if higher_is_better else -1.0
+    usable = [r for r in rows if r.get(metric) is not None and math.isfinite(r[metric])]
+    # cheapest first; among equal cost the best first, so it shadows the others
+    usable.sort(key=lambda r: (r["flops"], -sign * r[metric]))
+    front, best = [], -math.inf
+    for row in usable:
+        if sign * row[metric] > best:
+            front.append(row)
+            best = sign * row[metric]
+    return front

@@ -79,14 +79,15 @@ def fit(model, guide, data, *, val=None, device="auto", out=None, resume: bool =
             warmup_epochs, crop_padding, hflip, ...).
     """
     trainer = Trainer(model, guide, data, val, FitConfig(**config), resolve_device(device), out,
-                      progress)
+                      progress, resume)
     if resume:
         trainer.restore()
     return trainer.run()
 
 
 class Trainer:
-    def __init__(self, model, guide, data, val, config: FitConfig, device, out, progress):
+    def __init__(self, model, guide, data, val, config: FitConfig, device, out, progress,
+                 resume: bool = False):
         self.config, self.device, self.world = config, device, World()
         self.out = Path(out) if out is not None else None
         if self.out is not None and self.out.is_dir() and self.world.main:
@@ -98,6 +99,7 @@ class Trainer:
         if val is not None:
             val.check(classes, shape, "validation inputs", regression)
         _seed_everything(config.seed)
+        self._find_structure(model, train, resume)
         if config.sync_batchnorm and self.world.size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory = torch.channels_last if config.channels_last else torch.preserve_format
@@ -178,13 +180,32 @@ class Trainer:
         atomic_save(self.state(epoch, step, running), self.out / CHECKPOINT)
         write_json(self.out / "history.json", asdict(self.history))
 
-    def restore(self) -> None:
+    def _checkpoint_path(self) -> Path:
         if self.out is None:
             raise ValueError("resume=True needs out= (the run folder holding checkpoint.pt)")
         path = self.out / CHECKPOINT
         if not path.is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {self.out}")
-        ckpt = load_checkpoint(path, map_location=self.device)
+        return path
+
+    def _find_structure(self, model, train, resume: bool) -> None:
+        """A model whose structure comes from the training data (a structured ensemble's mask
+        stage, ``model.prepare_training``) gets it before the optimiser sees its parameters:
+        found on the training data, or read back from the checkpoint when resuming."""
+        prepare = getattr(model, "prepare_training", None)
+        if prepare is None:
+            return
+        if resume:
+            model.load_state_dict(load_checkpoint(self._checkpoint_path(), map_location="cpu")["model"])
+        elif hasattr(train, "x"):
+            prepare(torch.utils.data.TensorDataset(train.x, train.y), self.device, self.config.seed)
+        else:
+            raise ValueError(f"{type(model).__name__} finds its structure from the training "
+                             f"tensors before training: pass tensors, a TensorDataset or a "
+                             f"DataSplits, not a DataLoader")
+
+    def restore(self) -> None:
+        ckpt = load_checkpoint(self._checkpoint_path(), map_location=self.device)
         self.model.load_state_dict(ckpt["model"])
         self.guide.load_state_dict(ckpt["guide"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -241,8 +241,11 @@ class NestedNet(DynamicModel):
         and, for the marginal (``budget=None``), of the orderings from ``q(z)``: after
         ``prepare_evaluation`` the calibrated orderings (BatchNorm statistics that fit each),
         else fresh masks with training's statistics, in one vectorised pass.
-        ``deterministic``: mean weights, one pass per width (per calibrated ordering)."""
-        samples = 1 if deterministic else num_samples
+        ``deterministic``: mean weights, one pass per width (per calibrated ordering). A fixed
+        width of a network without weight uncertainty (nested dropout) has nothing to sample:
+        one pass, whatever ``num_samples`` (and its cost is counted once)."""
+        fixed = budget is not None and not self.net.bayesian
+        samples = 1 if deterministic or fixed else num_samples
         if not (isinstance(guide, NestedGuide) and guide.with_weights):
             return self._pyro_predict(guide, x, budget, samples)
         settings = getattr(self, "_marginal_settings", None)
