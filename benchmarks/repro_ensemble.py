@@ -35,6 +35,12 @@ from bayesdyn.inference import fit, predict
 
 METHODS = {"single": ("ensemble", 1), "deep ensemble (3)": ("ensemble", 3),
            "structured ensemble (3, q=0.5)": ("structured-ensemble", 3)}
+# --ablation: the structured ensemble with one option changed at a time
+ABLATIONS = {"structured ensemble (3, q=0.5)": {},
+             "official MMD": {"divergence": "official"},
+             "no diversity term (w = 0)": {"divergence_weight": 0.0},
+             "local pruning": {"prune_scope": "local"},
+             "logit average": {"combine": "logits"}}
 
 
 def subset(data, n, seed):
@@ -47,9 +53,10 @@ def subset(data, n, seed):
 
 def run_one(args, method, seed):
     data = subset(load("fashion-mnist", root=args.data_root), args.train_size, seed)
-    name, members = METHODS[method]
+    name, members = METHODS.get(method, ("structured-ensemble", 3))
     recipe = recipes.Recipe(name, arch="mlp", depth=2, width=args.width, members=members,
-                            prune=0.5, mask_epochs=args.mask_epochs)
+                            prune=0.5, mask_epochs=args.mask_epochs,
+                            **(ABLATIONS.get(method, {}) if args.ablation else {}))
     torch.manual_seed(seed)
     model, guide = recipes.build(recipe, data.input_shape, data.num_classes)
     started = time.perf_counter()
@@ -68,10 +75,10 @@ def run_one(args, method, seed):
             "member_params": getattr(model, "member_parameters", lambda: None)()}
 
 
-def table(rows):
+def table(rows, methods=METHODS):
     lines = ["| method | accuracy | NLL | ECE (15) | ECE (30) | OOD AUROC (digits) | params | "
              "kFLOPs | train s |", "|---|---|---|---|---|---|---|---|---|"]
-    for method in METHODS:
+    for method in methods:
         mine = [r for r in rows if r["method"] == method]
         cells = []
         for key, fmt in (("accuracy", ".4f"), ("nll", ".4f"), ("ece", ".4f"), ("ece30", ".4f"),
@@ -112,13 +119,19 @@ def main():
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-continual", action="store_true")
+    parser.add_argument("--ablation", action="store_true",
+                        help="the structured ensemble's options one at a time (no baselines, no "
+                             "continual part)")
     parser.add_argument("--out", default="benchmarks/results/repro_ensemble.json")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows, cl_rows = [], []
+    methods = ABLATIONS if args.ablation else METHODS
+    if args.ablation:
+        args.skip_continual = True
     for seed in range(args.seeds):
-        for method in METHODS:
+        for method in methods:
             rows.append(run_one(args, method, seed))
             print(json.dumps(rows[-1]), flush=True)
         if not args.skip_continual:
@@ -134,13 +147,14 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"ensembles": rows, "continual": cl_rows}, indent=1))
     size = f"{args.train_size or 'all'} training examples"
-    lines = [*header("ensemble reproduction: structured vs single vs deep ensemble, "
-                     "fashion-mnist", torch.device("cpu")), "",
+    title = ("ensemble ablation: the structured ensemble's options one at a time" if args.ablation
+             else "ensemble reproduction: structured vs single vs deep ensemble")
+    lines = [*header(f"{title}, fashion-mnist", torch.device("cpu")), "",
              f"MLP 784-{args.width}-{args.width}-10 (BatchNorm), {size}, Adam 1e-3, batch 128, "
              f"<= {args.epochs} epochs, early stopping patience {args.patience} on validation "
              f"NLL (best weights restored), mask stage {args.mask_epochs} epochs; "
              f"{args.seeds} seeds (mean ± std); per-run figures in {args.out}.", "",
-             *table(rows)]
+             *table(rows, methods)]
     if cl_rows:
         lines += ["", f"Continual, split Fashion-MNIST (5 tasks of 2 classes), MLP "
                       f"784-{args.width}-{args.width} + per-task heads, {args.cl_epochs} epochs "

@@ -258,6 +258,7 @@ def test_joint_training_keeps_a_copy_of_the_best_weights(tmp_path):
                   lr=0.05, early_stopping=1, progress=False)
     assert "val_accuracy_member3" in history.epochs[-1]
     best = min(history.epochs, key=lambda e: e["val_nll"])
+    assert best["epoch"] < history.epochs[-1]["epoch"]  # the last weights are not the best
     from bayesdyn.inference import predict
 
     nll = -predict(ens, ens.default_guide(), xv).mean.gather(1, yv[:, None]).log().mean()
@@ -396,3 +397,24 @@ def test_importances_use_batch_statistics_not_the_running_ones():
     again = channel_importance(search, x, y, batch_size=20)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(first, again, strict=True))
     assert torch.equal(search.net.norms[0].running_mean, running) and not search.net.training
+
+
+@pytest.mark.parametrize("make", [
+    lambda: StructuredEnsemble([StackedNet(MLP, 1), StackedNet(MLP.with_widths((3, 2)), 1)]),
+    lambda: DeepEnsemble(StackedNet(MLP, 3)),
+    lambda: DeepEnsemble(to_sequential(StackedNet(MLP, 1)), members=2),
+], ids=["structured", "deep-stacked", "deep-vmap"])
+def test_pyro_svi_trains_every_parameter_and_predictive_draws_members(make):
+    import pyro
+    from pyro.infer import SVI, Predictive
+
+    torch.manual_seed(0)
+    ens = make()
+    guide = ens.default_guide()
+    x, y = toy_data(12)
+    before = {n: p.detach().clone() for n, p in ens.named_parameters()}
+    svi = SVI(ens, guide, pyro.optim.Adam({"lr": 0.01}), TraceEnum_ELBO(max_plate_nesting=1))
+    svi.step(x, y)
+    assert all(not torch.equal(p, before[n]) for n, p in ens.named_parameters())
+    out = Predictive(ens, guide=guide, num_samples=4, return_sites=["member", "probs"])(x)
+    assert out["probs"].shape == (4, 12, 3) and out["member"].max() < ens.num_members

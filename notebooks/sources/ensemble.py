@@ -38,7 +38,7 @@ from bayesdyn.nn.members import PlainSpec, StackedNet, to_sequential
 torch.set_num_threads(1)
 SMOKE = os.environ.get("BAYESDYN_SMOKE") == "1"
 DATASET = "digits" if SMOKE else "fashion-mnist"
-EPOCHS, MASK_EPOCHS, WIDTH = (5, 2, 64) if SMOKE else (10, 5, 256)
+EPOCHS, MASK_EPOCHS, WIDTH = (3, 1, 32) if SMOKE else (10, 5, 256)
 data = load(DATASET)
 x, y = data.train.tensors
 data
