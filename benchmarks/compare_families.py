@@ -89,10 +89,10 @@ def train(args, method, width, data, seed, device):
     return model, guide, time.perf_counter() - started
 
 
-def run_seed(args, widths, data, seed, device, done) -> list[dict]:
+def run_seed(args, widths, data, seed, device, done):
     """Train every family of ``args.families`` for ``seed`` (skipping runs already in ``done``)
-    and evaluate it and its post-hoc variants."""
-    new = []
+    and evaluate it and its post-hoc variants; yields each run as soon as it is done, so an
+    interrupted comparison resumes from the last finished run."""
     for method in args.families:
         variants = [v for v in (method, *(n for n, (base, _) in POST_HOC.items() if base == method))
                     if not any(r["family"] == v and r["seed"] == seed for r in done)]
@@ -102,11 +102,11 @@ def run_seed(args, widths, data, seed, device, done) -> list[dict]:
         for variant in variants:
             m, g = (model, guide) if variant == method else POST_HOC[variant][1](model, guide, data)
             metrics = evaluate(m, g, data, num_samples=args.samples, seed=seed)
-            new.append({"family": variant, "seed": seed, "width": widths[method],
-                        "train_seconds": seconds, **summarise(metrics)})
-            acc = " ".join(f"{b['accuracy']:.3f}" for b in new[-1]["budgets"])
+            run = {"family": variant, "seed": seed, "width": widths[method],
+                   "train_seconds": seconds, **summarise(metrics)}
+            acc = " ".join(f"{b['accuracy']:.3f}" for b in run["budgets"])
             print(f"seed {seed} {variant:<26} {seconds:5.0f} s  budgets {acc}", flush=True)
-    return new
+            yield run
 
 
 def averaged(runs: list[dict]) -> dict:
