@@ -96,6 +96,20 @@ def mean_std(values) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def cell(values, scale=1.0, digits=2) -> str:
+    """``mean ± std`` of ``scale * values`` for a table."""
+    m, s = mean_std([scale * v for v in values])
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def curve_at(rows, grid, key):
+    """``key`` of a curve of ``{"flops", key}`` rows, interpolated at the FLOPs in ``grid``."""
+    import numpy as np
+
+    rows = sorted(rows, key=lambda r: r["flops"])
+    return np.interp(grid, [r["flops"] for r in rows], [r[key] for r in rows])
+
+
 def header(title: str, device) -> list[str]:
     """A section's first lines: title, command, device, date."""
     return [f"### {title}", "",

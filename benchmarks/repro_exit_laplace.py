@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from common import append_results, header, mean_std
+from common import append_results, cell, curve_at, header
 from repro_exits import VARIANTS as BACKBONES
 from repro_exits import build, subset
 
@@ -127,16 +127,6 @@ def main():
             if not args.no_record:
                 out.write_text(json.dumps({"runs": runs}, indent=1))
     record(args, device, data, runs)
-
-
-def cell(values, scale=1.0, digits=2):
-    m, s = mean_std([scale * v for v in values])
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def curve_at(rows, grid, key):
-    rows = sorted(rows, key=lambda r: r["flops"])
-    return np.interp(grid, [r["flops"] for r in rows], [r[key] for r in rows])
 
 
 def record(args, device, data, runs):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import append_results, header, mean_std, subset
+from common import append_results, cell, curve_at, header, subset
 from torch.utils.data import TensorDataset
 
 from bayesdyn.data import load
@@ -126,16 +126,6 @@ def by_variant(runs):
     for r in sorted(runs, key=lambda r: r["seed"]):
         out.setdefault(r["variant"], []).append(r)
     return out
-
-
-def cell(values, scale=1.0, digits=2):
-    m, s = mean_std([scale * v for v in values])
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def curve_at(rows, grid, key):
-    rows = sorted(rows, key=lambda r: r["flops"])
-    return np.interp(grid, [r["flops"] for r in rows], [r[key] for r in rows])
 
 
 def record(args, device, data, runs):
