@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..evaluation.protocols import exit_proportions, select_thresholds, thresholds_per_level
-from ..models.exits import MultiExitNet
+from ..models.exits import check_multi_exit
 from ..nn.multiexit import select
 from .predict import _EvalMode
 
@@ -34,11 +34,6 @@ class EarlyExitPrediction:
         return torch.bincount(self.exit_index, minlength=k).div(len(self.exit_index)).tolist()
 
 
-def _check_model(model):
-    if not isinstance(model, MultiExitNet):
-        raise TypeError(f"early exiting needs a MultiExitNet or BoostedExits, got "
-                        f"{type(model).__name__}")
-
 
 @torch.no_grad()
 def exit_confidences(model, x: torch.Tensor, batch_size: int = 2048,
@@ -46,7 +41,7 @@ def exit_confidences(model, x: torch.Tensor, batch_size: int = 2048,
     """Top-1 confidences ``[K, N]`` of every exit's predictive (all exits, one pass per chunk);
     with ``calibration`` (an ``ExitCalibration``: Laplace / temperature / MIE) of its
     predictive."""
-    _check_model(model)
+    check_multi_exit(model, "early exiting")
     device = next(model.parameters()).device
     chunks = []
     with _EvalMode(model):
@@ -82,7 +77,7 @@ def predict_early_exit(model, x: torch.Tensor, thresholds: torch.Tensor,
     takes everyone left). Blocks and heads after an input's exit are never computed for it.
     ``calibration`` (an ``ExitCalibration``): its predictive (Laplace, temperature, MIE) gives
     the confidences and the probabilities."""
-    _check_model(model)
+    check_multi_exit(model, "early exiting")
     backbone, combine = model.backbone, model.combine
     n_exits = backbone.num_exits
     thresholds = torch.as_tensor(thresholds, dtype=torch.float64)

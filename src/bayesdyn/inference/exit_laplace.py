@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.exits import BoostedEnsemble, MultiExitNet
+from ..models.exits import BoostedEnsemble, check_multi_exit
 from . import link as links
 from .lastlayer import STRUCTURES, HeadLaplace
 from .predict import _EvalMode
@@ -40,18 +40,13 @@ class ExitFeatures:
     own: torch.Tensor
 
 
-def _check_model(model):
-    if not isinstance(model, MultiExitNet):
-        raise TypeError(f"exit calibration needs a MultiExitNet or BoostedExits, got "
-                        f"{type(model).__name__}")
-
 
 @torch.no_grad()
 def exit_features(model, x: torch.Tensor, batch_size: int = 1024,
                   until: int | None = None) -> ExitFeatures:
     """One pass over ``x [N, ...]`` (eval mode, chunks of ``batch_size``) caching every exit
     (``until``: exits ``0..until`` only, later blocks are not run)."""
-    _check_model(model)
+    check_multi_exit(model, "exit calibration")
     param = next(model.parameters())
     feats, logits, own = [], [], []
     with _EvalMode(model):
@@ -102,7 +97,7 @@ class ExitCalibration(nn.Module):
     def __init__(self, model, heads=None, temperature=None, weights=None, link: str = "probit",
                  num_samples: int = 100, shared_noise: bool = False):
         super().__init__()
-        _check_model(model)
+        check_multi_exit(model, "exit calibration")
         if link not in links.LINKS:
             raise ValueError(f"link must be one of {links.LINKS}, got {link!r}")
         k_exits = model.num_exits
@@ -309,7 +304,7 @@ def laplace(model, data, structure: str = "kron", *, prior: str = "marglik",
     per-exit temperatures by validation NLL (``temperature``: ``nll``, ``grid`` or ``None``),
     greedily under MIE when ``mie``. Returns the ``ExitCalibration`` (also a Pyro guide of
     ``bayesdyn.models.BayesianExits``)."""
-    _check_model(model)
+    check_multi_exit(model, "exit calibration")
     _check_options(structure, link, prior, temperature, data)
     train = exit_features(model, data.train.tensors[0], batch_size)
     heads = fit_heads(model, train, data.train.tensors[1], structure, seed=seed)
@@ -332,7 +327,7 @@ def calibrate_variants(model, data, structure: str = "kron", *, prior: str = "ma
     validation splits: ``vanilla``, ``temperature`` (per-exit scaling), ``laplace`` (with
     temperatures), ``mie`` (plain heads ensembled) and ``laplace+mie`` (greedy tuning); the
     Laplace ones only ``with_laplace``, the MIE ones only ``with_mie``."""
-    _check_model(model)
+    check_multi_exit(model, "exit calibration")
     _check_options(structure, link, prior, "nll", data)
     val = exit_features(model, data.val.tensors[0], batch_size)
     y_val = data.val.tensors[1]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..guides.empty import EmptyGuide
-from .base import DynamicModel, PredictiveSamples, data_plate, vectorized_trace
-from .exits import MultiExitNet, exit_site
+from .base import DynamicModel, PredictiveSamples, vectorized_trace
+from .exits import MultiExitNet, exit_site, observe_exits
 
 
 def head_site(k: int) -> str:
@@ -92,14 +92,7 @@ class BayesianExits(DynamicModel):
             features = self.net.backbone(x).features
         weights = [pyro.sample(head_site(k), self.prior(k, features[k]))
                    for k in range(self.num_exits)]
-        logits = self.head_logits(features, weights)
-        with data_plate(x, dataset_size):
-            for k in range(self.num_exits):
-                pyro.deterministic(exit_site(k, self.num_exits, "probs"),
-                                   torch.softmax(logits[k], -1), event_dim=1)
-                last = pyro.sample(exit_site(k, self.num_exits), dist.Categorical(logits=logits[k]),
-                                   obs=y)
-        return last
+        return observe_exits(self.head_logits(features, weights), x, y, dataset_size)
 
     def fast_loss(self, guide, x, y, dataset_size):
         """Negative ELBO with analytic KL for ``ExitHeadsGuide``: one reparameterised draw of

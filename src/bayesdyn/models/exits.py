@@ -38,6 +38,25 @@ def exit_site(k: int, num_exits: int, kind: str = "y") -> str:
     return kind if k == num_exits - 1 else f"{kind}_exit{k + 1}"
 
 
+def check_multi_exit(model, purpose: str) -> None:
+    """A clear error when ``model`` is not a ``MultiExitNet`` / ``BoostedExits``."""
+    if not isinstance(model, MultiExitNet):
+        raise TypeError(f"{purpose} needs a MultiExitNet or BoostedExits, got "
+                        f"{type(model).__name__}")
+
+
+def observe_exits(logits: torch.Tensor, x, y, dataset_size):
+    """The exits' likelihood sites: every exit's class probabilities and its ``Categorical``
+    observation of ``y`` (``logits [K, B, C]``); returns the last exit's sample."""
+    num_exits = len(logits)
+    with data_plate(x, dataset_size):
+        for k in range(num_exits):
+            pyro.deterministic(exit_site(k, num_exits, "probs"), torch.softmax(logits[k], -1),
+                               event_dim=1)
+            last = pyro.sample(exit_site(k, num_exits), dist.Categorical(logits=logits[k]), obs=y)
+    return last
+
+
 class IndependentExits(nn.Module):
     """``F_k = f_k``: each exit predicts on its own."""
 
@@ -126,14 +145,7 @@ class MultiExitNet(DynamicModel):
 
     # --- Pyro model ---------------------------------------------------------------------------
     def model(self, x, y=None, dataset_size=None):
-        logits = self.exit_logits(x)
-        with data_plate(x, dataset_size):
-            for k in range(self.num_exits):
-                pyro.deterministic(exit_site(k, self.num_exits, "probs"),
-                                   torch.softmax(logits[k], -1), event_dim=1)
-                last = pyro.sample(exit_site(k, self.num_exits), dist.Categorical(logits=logits[k]),
-                                   obs=y)
-        return last
+        return observe_exits(self.exit_logits(x), x, y, dataset_size)
 
     def fast_loss(self, guide, x, y, dataset_size):
         """``sum_k CE(y, F_k)`` over the batch, scaled by ``N / B`` (Trace_ELBO with the empty
