@@ -96,6 +96,22 @@ def mean_std(values) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def add_msdnet_arguments(p) -> None:
+    """The CPU-sized MSDNet and its SGD recipe, shared by the exits reproductions."""
+    p.add_argument("--blocks", type=int, default=5)
+    p.add_argument("--step", type=int, default=1)
+    p.add_argument("--base", type=int, default=2)
+    p.add_argument("--channels", type=int, default=8)
+    p.add_argument("--growth-rate", type=int, default=4)
+    p.add_argument("--head-channels", type=int, default=32)
+    p.add_argument("--gamma", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+
+
 def cell(values, scale=1.0, digits=2) -> str:
     """``mean ± std`` of ``scale * values`` for a table."""
     m, s = mean_std([scale * v for v in values])

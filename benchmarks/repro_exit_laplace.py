@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from common import append_results, cell, curve_at, header
+from common import add_msdnet_arguments, append_results, cell, curve_at, header
 from repro_exits import VARIANTS as BACKBONES
 from repro_exits import build, subset
 
@@ -91,18 +91,7 @@ def main():
     p.add_argument("--families", default="MSDNet", help=f"comma list of {', '.join(BACKBONES)}")
     p.add_argument("--prior", default="marglik", choices=["marglik", "grid"])
     p.add_argument("--link", default="probit", choices=["probit", "bridge", "mc"])
-    p.add_argument("--blocks", type=int, default=5)
-    p.add_argument("--step", type=int, default=1)
-    p.add_argument("--base", type=int, default=2)
-    p.add_argument("--channels", type=int, default=8)
-    p.add_argument("--growth-rate", type=int, default=4)
-    p.add_argument("--head-channels", type=int, default=32)
-    p.add_argument("--gamma", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    add_msdnet_arguments(p)
     p.add_argument("--cache", default="/tmp/bayesdyn_repro_exit_laplace",
                    help="trained networks are kept here, so calibration can be rerun")
     p.add_argument("--no-record", action="store_true")

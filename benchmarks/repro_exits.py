@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import append_results, cell, curve_at, header, subset
+from common import add_msdnet_arguments, append_results, cell, curve_at, header, subset
 from torch.utils.data import TensorDataset
 
 from bayesdyn.data import load
@@ -85,18 +85,7 @@ def main():
     p.add_argument("--train-size", type=int, default=12000, help="0: the whole training split")
     p.add_argument("--monitor-size", type=int, default=1000,
                    help="validation images fit reports each epoch (thresholds use all of them)")
-    p.add_argument("--blocks", type=int, default=5)
-    p.add_argument("--step", type=int, default=1)
-    p.add_argument("--base", type=int, default=2)
-    p.add_argument("--channels", type=int, default=8)
-    p.add_argument("--growth-rate", type=int, default=4)
-    p.add_argument("--head-channels", type=int, default=32)
-    p.add_argument("--gamma", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    add_msdnet_arguments(p)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
