@@ -418,3 +418,16 @@ def test_pyro_svi_trains_every_parameter_and_predictive_draws_members(make):
     assert all(not torch.equal(p, before[n]) for n, p in ens.named_parameters())
     out = Predictive(ens, guide=guide, num_samples=4, return_sites=["member", "probs"])(x)
     assert out["probs"].shape == (4, 12, 3) and out["member"].max() < ens.num_members
+
+
+def test_per_member_validation_is_the_mean_over_the_whole_set_in_chunks():
+    """fit evaluates members chunk by chunk (2048 inputs); the recorded means equal one pass."""
+    ens, _, (x, y) = small_ensemble()
+    xv, yv = toy_data(3000, seed=2)  # more than one chunk, the last one partial
+    history = fit(ens, ens.default_guide(), (x, y), val=(xv, yv), epochs=1, batch_size=20,
+                  progress=False)
+    ens.eval()
+    with torch.no_grad():
+        whole = ens.member_validation(ens.default_guide(), xv, yv)
+    for key, value in whole.items():
+        assert history.epochs[-1][key] == pytest.approx(value, rel=1e-5)

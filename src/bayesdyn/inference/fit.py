@@ -375,13 +375,18 @@ class Trainer:
         return {"val_accuracy": hits / n, "val_nll": nll / n, **self._member_validation()}
 
     def _member_validation(self) -> dict:
-        """The model's own extra validation metrics (ensembles: per member), when it has any."""
+        """The model's own extra validation metrics (ensembles: per member), when it has any:
+        means over the validation set, computed chunk by chunk (bounded memory)."""
         hook = getattr(self.model, "member_validation", None)
         if hook is None:
             return {}
-        x, y = (torch.cat(parts) for parts in zip(*self.val_data.all_batches(2048), strict=True))
+        totals, n = {}, 0
         with torch.no_grad(), _EvalMode(self.model, self.guide):
-            return hook(self.guide, x, y)
+            for xb, yb in self.val_data.all_batches(2048):
+                for key, value in hook(self.guide, xb, yb).items():
+                    totals[key] = totals.get(key, 0.0) + value * len(yb)
+                n += len(yb)
+        return {key: total / n for key, total in totals.items()}
 
     def _early_stopping(self, record) -> bool:
         c = self.config
